@@ -1,0 +1,7 @@
+"""roi_mae_jax: region-aware (AAL3) masked-autoencoder pretraining for 4D fMRI.
+
+Modules: `grids` (MNI grids), `atlas` (AAL3 on any grid), `patches` (brain
+patches and their regions), `masking` (jitted mask samplers), `main` (CLI).
+"""
+
+__version__ = "0.1.0"

