@@ -1,0 +1,40 @@
+"""Benchmarks: `python -m roi_mae_jax.bench PART [options]`.
+
+    python -m roi_mae_jax.bench masks              # mask samplers at paper scale
+    python -m roi_mae_jax.bench masks --json=out.json
+
+Each part prints a table of figures; none of it is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
+PARTS = {"masks": "roi_mae_jax.bench.masks"}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m roi_mae_jax.bench",
+                                   description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="part", required=True)
+  modules = {}
+  for name, module_name in PARTS.items():
+    modules[name] = importlib.import_module(module_name)
+    part = sub.add_parser(name, help=modules[name].__doc__.splitlines()[0])
+    part.add_argument("--json", default="", help="also write the figures here")
+    modules[name].add_arguments(part)
+  args = parser.parse_args(argv)
+  figures = modules[args.part].run(args)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({args.part: figures}, f, indent=2)
+    print(f"wrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

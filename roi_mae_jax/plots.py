@@ -1,0 +1,121 @@
+"""Figures a person looks at: orthogonal slices, region colours, mask rasters.
+
+Slices are drawn in neurological convention (subject's right on the right)
+whatever the grid's orientation: volumes are reordered to RAS first.
+
+    fig = show_masks_figure(patch_map, {"roi": sample}, num_time=10,
+                            point_mm=(30, -20, 8))
+    fig.savefig("masks.png")
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is assumed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import colors as mcolors  # pylint: disable=g-import-not-at-top
+import nibabel as nib  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from roi_mae_jax import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
+
+BACKGROUND = (0.0, 0.0, 0.0)
+VISIBLE = (0.42, 0.42, 0.42)
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`volume` reordered so axes run Right, Anterior, Superior, and its affine."""
+  ornt = nib.orientations.io_orientation(affine)
+  ras = nib.orientations.apply_orientation(volume, ornt)
+  new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+  return ras, new_affine
+
+
+def region_colours(num_regions: int, seed: int = 7) -> np.ndarray:
+  """(R, 3) distinct-looking RGB colours, shuffled so neighbours differ."""
+  hues = np.random.default_rng(seed).permutation(num_regions) / max(num_regions, 1)
+  sat = 0.55 + 0.4 * (np.arange(num_regions) % 3) / 2
+  hsv = np.stack([hues, sat, np.full(num_regions, 0.95)], axis=1)
+  return mcolors.hsv_to_rgb(hsv)
+
+
+def orthogonal_slices(axes: Sequence[plt.Axes], rgb: np.ndarray, affine: np.ndarray,
+                      point_mm: Sequence[float], titles: Sequence[str] = ("", "", "")):
+  """Draws sagittal, coronal and axial slices of an (X, Y, Z, 3) RGB volume."""
+  rgb, affine = to_ras(rgb, affine)
+  ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), point_mm)).astype(int)
+  ijk = np.clip(ijk, 0, np.array(rgb.shape[:3]) - 1)
+  lo = nib.affines.apply_affine(affine, [0, 0, 0])
+  hi = nib.affines.apply_affine(affine, np.array(rgb.shape[:3]) - 1)
+  views = [(rgb[ijk[0]], (lo[1], hi[1], lo[2], hi[2]), f"x = {point_mm[0]:g} mm"),
+           (rgb[:, ijk[1]], (lo[0], hi[0], lo[2], hi[2]), f"y = {point_mm[1]:g} mm"),
+           (rgb[:, :, ijk[2]], (lo[0], hi[0], lo[1], hi[1]), f"z = {point_mm[2]:g} mm")]
+  for ax, (plane, extent, where), title in zip(axes, views, titles):
+    ax.imshow(plane.transpose(1, 0, 2), origin="lower", extent=extent,
+              interpolation="nearest")
+    ax.set_title(f"{title} {where}".strip(), fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  axes[1].text(0.98, 0.02, "R", color="w", transform=axes[1].transAxes,
+               ha="right", fontsize=8)
+  axes[2].text(0.98, 0.02, "R", color="w", transform=axes[2].transAxes,
+               ha="right", fontsize=8)
+
+
+def _atlas_rgb(on_grid: atlas_lib.Atlas, colours: np.ndarray) -> np.ndarray:
+  lookup = np.zeros((int(on_grid.labels.max()) + 1, 3))
+  for index, region in enumerate(on_grid.regions):
+    lookup[region.id] = colours[index]
+  return lookup[on_grid.labels]
+
+
+def show_masks_figure(patch_map, samples: Mapping[str, object], num_time: int,
+                      point_mm: Sequence[float], time_chunk: int = 0) -> plt.Figure:
+  """The atlas on its grid, then one row per strategy's sample mask.
+
+  Masked patches take their region's colour, visible brain patches are grey,
+  non-brain patches black. The right column is the token mask (time chunk x
+  brain patch, patches ordered by region): roi and tube make columns, random
+  makes noise, roi_time makes blocks.
+  """
+  on_grid = patch_map.atlas
+  colours = region_colours(on_grid.num_regions)
+  rows = 1 + len(samples)
+  fig, axes = plt.subplots(rows, 4, figsize=(13, 2.9 * rows),
+                           gridspec_kw={"width_ratios": [1.1, 1, 1, 1.6]})
+  axes = np.atleast_2d(axes)
+  affine = on_grid.grid.affine
+  orthogonal_slices(axes[0, :3], _atlas_rgb(on_grid, colours), affine, point_mm,
+                    titles=("AAL3 on grid",) + ("",) * 2)
+
+  # Brain patches per system, for the atlas row.
+  region = patch_map.brain_region
+  systems = [on_grid.regions[r].system if r >= 0 else "mixed" for r in region]
+  names, counts = np.unique(systems, return_counts=True)
+  axes[0, 3].barh(names, counts, color="0.35")
+  axes[0, 3].set_title(f"brain patches per system ({patch_map.num_brain_patches} "
+                       f"of {patch_map.num_patches})", fontsize=8)
+  axes[0, 3].tick_params(labelsize=7)
+
+  by_region = np.argsort(region, kind="stable")
+  patch_rgb = np.where(region[:, None] >= 0, colours[np.maximum(region, 0)], 0.8)
+  for row, (name, sample) in enumerate(samples.items(), start=1):
+    mask = np.asarray(sample.mask).reshape(num_time, patch_map.num_brain_patches)
+    shown = np.where(mask[time_chunk][:, None], patch_rgb, VISIBLE)
+    vol = np.stack([patch_map.to_volume(shown[:, c], fill=BACKGROUND[c])
+                    for c in range(3)], axis=-1)
+    share = mask.mean()
+    orthogonal_slices(axes[row, :3], vol, affine, point_mm,
+                      titles=(f"{name} (chunk {time_chunk})", "", ""))
+    raster = np.where(mask[:, by_region, None], patch_rgb[by_region][None], VISIBLE)
+    axes[row, 3].imshow(raster, aspect="auto", interpolation="nearest")
+    axes[row, 3].set_title(f"{name}: {mask.sum()} of {mask.size} tokens masked "
+                           f"({share:.0%})", fontsize=8)
+    axes[row, 3].set_xlabel("brain patch (ordered by region)", fontsize=7)
+    axes[row, 3].set_ylabel("time chunk", fontsize=7)
+    axes[row, 3].tick_params(labelsize=6)
+  fig.tight_layout()
+  return fig

@@ -1,0 +1,88 @@
+"""The CLI: task dispatch, one-line errors, show_masks output, the bench."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from roi_mae_jax import errors
+from roi_mae_jax import main as main_lib
+from roi_mae_jax.bench import __main__ as bench_main
+from tests.conftest import REPO
+
+
+def _cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "roi_mae_jax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_show_masks_writes_png_and_summary(tmp_path):
+  workdir = str(tmp_path / "masks")
+  done = _cli("--config=configs/show_masks.py", f"--workdir={workdir}",
+              "--config.mask.ratio=0.75", "--config.frames=4")
+  assert done.returncode == 0, done.stderr
+  png = os.path.join(workdir, "masks.png")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(png) > 50_000
+  with open(os.path.join(workdir, "masks_summary.json")) as f:
+    summary = json.load(f)
+  assert set(summary["strategies"]) == {"random", "tube", "roi", "roi_time"}
+  assert summary["tokens_brain"] == summary["patches_brain"] * 4
+  roi = summary["strategies"]["roi"]
+  assert roi["regions"]["partial"] <= 1 and roi["regions"]["whole"] > 10
+  assert roi["masked_tokens"] == pytest.approx(0.75 * summary["tokens_brain"], abs=4)
+
+  again = _cli("--config=configs/show_masks.py", f"--workdir={workdir}")
+  assert again.returncode == 2
+  assert "already exist" in again.stderr and "overwrite=True" in again.stderr
+  assert "Traceback" not in again.stderr
+
+
+def test_unknown_task_is_one_line_on_stderr(tmp_path):
+  done = _cli("--config=configs/show_masks.py", f"--workdir={tmp_path}",
+              "--config.task=pretrainn")
+  assert done.returncode == 2
+  lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+  assert lines == ["error: unknown task 'pretrainn'; config.task must be one of: show_masks"]
+  assert "Traceback" not in done.stderr
+
+
+def test_missing_required_keys_are_named(tmp_path):
+  config = ml_collections.ConfigDict({"task": "show_masks", "seed": 0, "frames": 4,
+                                      "mask": {"ratio": 0.5}})
+  with pytest.raises(errors.InputError) as info:
+    main_lib.run_task(config, str(tmp_path))
+  message = str(info.value)
+  assert "\n" not in message
+  for key in ("grid.voxel_size_mm", "patches.size", "show.strategies"):
+    assert key in message
+  assert "mask.ratio" not in message
+
+
+def test_config_variant_and_bad_variant():
+  sys.path.insert(0, REPO)
+  from configs import show_masks  # pylint: disable=g-import-not-at-top
+  assert show_masks.get_config("paper").grid.shape == (96, 96, 96)
+  assert show_masks.get_config().grid.voxel_size_mm == 4.0
+  with pytest.raises(ValueError, match="variant"):
+    show_masks.get_config("huge")
+  assert "python -m roi_mae_jax.main --config=configs/show_masks.py" in show_masks.__doc__
+
+
+def test_bench_masks_prints_figures(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  code = bench_main.main(["masks", "--voxel_size_mm=4", "--grid", "40", "48", "44",
+                          "--patch=4", "--frames=3", "--batch=2", "--repeats=2",
+                          "--strategies=roi,random", f"--json={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "tokens per window" in printed and "roi" in printed
+  figures = json.loads(out.read_text())["masks"]
+  assert figures["tokens_all"] == 1320 * 3
+  assert figures["tokens_brain"] < figures["tokens_all"]
+  assert figures["strategies"]["roi"]["median_ms"] > 0
