@@ -5,8 +5,9 @@
     pm.num_brain_patches, pm.num_patches      # tokens per frame vs the full box
     pm.brain_region                           # (P,) region index of each token
 
-The brain is the atlas's labelled voxels, closed (6 mm ball) and hole-filled:
-AAL3 labels grey matter only, and the white matter it encloses is brain too.
+The brain is the atlas's labelled voxels, closed (6 mm ball) and hole-filled
+in 3D and slice by slice: AAL3 labels grey matter only, and the white matter
+and ventricles it encloses are brain too (the unlabelled brainstem is not).
 A patch is a brain patch when its brain fraction is above `brain_threshold`.
 
 Region assignment per patch (indices into `atlas.regions`):
@@ -46,7 +47,14 @@ def brain_envelope(labels: np.ndarray, voxel_size_mm: float,
   ball = np.linalg.norm(np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1], axis=0) <= r
   padded = np.pad(labels > 0, r)
   closed = ndimage.binary_closing(padded, structure=ball)[r:-r, r:-r, r:-r]
-  return ndimage.binary_fill_holes(closed | (labels > 0))
+  brain = ndimage.binary_fill_holes(closed | (labels > 0))
+  # Ventricles reach the outside through the unlabelled brainstem, so 3D
+  # filling misses them; filling each slice along each axis does not.
+  filled = brain.copy()
+  for axis in range(3):
+    planes = np.moveaxis(brain, axis, 0)
+    filled |= np.moveaxis(np.stack([ndimage.binary_fill_holes(p) for p in planes]), 0, axis)
+  return filled
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -81,3 +81,13 @@ def test_bad_assignment_and_threshold(aal3_patch_map):
     patches_lib.build_patch_map(aal3_patch_map.atlas, 4, "median")
   with pytest.raises(errors.InputError, match="brain_threshold"):
     patches_lib.build_patch_map(aal3_patch_map.atlas, 4, brain_threshold=1.0)
+
+
+def test_cavity_open_to_the_outside_is_still_brain():
+  """Like the ventricles, which open through the unlabelled brainstem."""
+  toy = toy_atlas((16, 16, 16))
+  labels = toy.labels.copy()
+  labels[4:12, 4:12, :12] = 0     # core + a wide channel out through the bottom
+  pm_labels = atlas_lib.Atlas(labels, toy.grid, toy.regions)
+  brain = patches_lib.brain_envelope(pm_labels.labels, 4.0)
+  assert brain[8, 8, 8] and brain[8, 8, 2]
