@@ -251,8 +251,11 @@ def atlas_on_grid(target: grids.Grid, path: str = "", labels_path: str = "") -> 
   return _atlas_on_grid_cached(path, labels_path, target.key())
 
 
-def atlas_from_config(config) -> Atlas:
-  """The atlas of `config.atlas` resampled onto the grid of `config.grid`."""
-  target = grids.grid_from_config(config.grid)
+def atlas_from_config(config, multiple_of: int = 1) -> Atlas:
+  """The atlas of `config.atlas` on the grid of `config.grid`.
+
+  A grid without a shape gets the MNI box rounded up to `multiple_of`.
+  """
+  target = grids.grid_from_config(config.grid, multiple_of)
   return atlas_on_grid(target, config.atlas.get("path", ""),
                        config.atlas.get("labels_path", ""))

@@ -18,6 +18,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from roi_mae_jax import config_lib
@@ -34,7 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
 
 
-def run_task(config, workdir: str) -> None:
+def run_task(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks `config` for its task and runs it; raises `InputError`."""
   task = config.get("task")
   if task not in TASKS:

@@ -179,7 +179,7 @@ def build_patch_map(on_grid: atlas_lib.Atlas, patch_size: int,
 
 def patch_map_from_config(config) -> PatchMap:
   """The patch map of `config.grid`, `config.atlas` and `config.patches`."""
-  on_grid = atlas_lib.atlas_from_config(config)
+  on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
   return build_patch_map(on_grid, int(config.patches.size),
                          config.patches.get("assignment", "majority"),
                          float(config.patches.get("brain_threshold", 0.0)))

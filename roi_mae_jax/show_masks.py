@@ -9,6 +9,7 @@ Writes `masks.png` (orthogonal slices + token rasters) and `masks_summary.json`
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -35,7 +36,7 @@ def region_coverage(sample: masking.MaskSample, patch_map: patches_lib.PatchMap,
           "untouched": int(len(np.unique(region[region >= 0])) - whole - partial)}
 
 
-def run(config, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   png_path, json_path = outputs.claim(
       workdir, ["masks.png", "masks_summary.json"], config.get("overwrite", False))
   strategies = [s.strip() for s in config.show.strategies.split(",") if s.strip()]

@@ -8,6 +8,7 @@ import sys
 import ml_collections
 import pytest
 
+from configs import show_masks
 from roi_mae_jax import errors
 from roi_mae_jax import main as main_lib
 from roi_mae_jax.bench import __main__ as bench_main
@@ -65,8 +66,6 @@ def test_missing_required_keys_are_named(tmp_path):
 
 
 def test_config_variant_and_bad_variant():
-  sys.path.insert(0, REPO)
-  from configs import show_masks  # pylint: disable=g-import-not-at-top
   assert show_masks.get_config("paper").grid.shape == (96, 96, 96)
   assert show_masks.get_config().grid.voxel_size_mm == 4.0
   with pytest.raises(ValueError, match="variant"):

@@ -1,8 +1,10 @@
 """Patch maps: brain patches, majority / pure / any assignment."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from configs import show_masks
 from roi_mae_jax import atlas as atlas_lib
 from roi_mae_jax import errors
 from roi_mae_jax import grids
@@ -91,3 +93,26 @@ def test_cavity_open_to_the_outside_is_still_brain():
   pm_labels = atlas_lib.Atlas(labels, toy.grid, toy.regions)
   brain = patches_lib.brain_envelope(pm_labels.labels, 4.0)
   assert brain[8, 8, 8] and brain[8, 8, 2]
+
+
+def test_patch_map_from_config_with_a_user_atlas_and_derived_shape(tmp_path):
+  # A two-region atlas over the MNI box at 4 mm, split at x = 0.
+  grid = grids.mni_grid(4.0, (46, 55, 46))
+  x = grid.world_coords()[..., 0]
+  labels = np.where(x > 0, 2, 1).astype(np.int16)
+  labels[:, :, :3] = 0
+  path = tmp_path / "halves.nii.gz"
+  nib.save(nib.Nifti1Image(labels, grid.affine), str(path))
+  (tmp_path / "halves.nii.txt").write_text("1 Half_L\n2 Half_R\n")
+  config = show_masks.get_config()
+  config.atlas.path = str(path)
+  config.grid.shape = None
+  config.grid.voxel_size_mm = 6.0
+  config.patches.size = 3
+  pm = patches_lib.patch_map_from_config(config)
+  assert all(s % 3 == 0 for s in pm.atlas.grid.shape)
+  assert [r.name for r in pm.regions] == ["Half_L", "Half_R"]
+  centres = pm.atlas.grid.world_coords(pm.patch_origin_voxels(pm.brain_patches) + 1.0)
+  names = np.array([r.name for r in pm.regions])[pm.brain_region]
+  assert (names[centres[:, 0] > 10] == "Half_R").all()
+  assert (names[centres[:, 0] < -10] == "Half_L").all()
