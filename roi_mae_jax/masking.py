@@ -110,7 +110,9 @@ def _block_mask(key, members, member_valid, group_weight, num_blocks: int,
   num_patches, k = members.shape
   num_groups = group_weight.shape[0]
   k_race, k_pick = jax.random.split(key)
-  race = jax.random.exponential(k_race, (num_blocks, num_groups)) / group_weight
+  race = jax.random.exponential(k_race, (num_blocks, num_groups))
+  # where, not a bare division: a zero draw over a zero weight would be NaN.
+  race = jnp.where(group_weight > 0, race / group_weight, jnp.inf)
   if k == 1:
     group = jnp.broadcast_to(members[:, 0], (num_blocks, num_patches))
   else:

@@ -187,3 +187,16 @@ def test_sharded_over_eight_devices_matches_one(aal3_patch_map, strategy):
   single = jax.vmap(sampler.sample)(keys)
   for a, b in zip(sharded, single):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_zero_weight_groups_stay_ordered_even_on_a_zero_draw(monkeypatch):
+  """An exponential draw of exactly 0 over weight 0 must not give NaN."""
+  pm = patches_lib.build_patch_map(toy_atlas((8, 8, 8)), 2)
+  weights = np.array([0, 1, 1, 1, 1, 1, 1, 0], np.float32)
+  monkeypatch.setattr(jax.random, "exponential",
+                      lambda key, shape: jnp.zeros(shape).at[..., 1].set(1.0))
+  sampler = masking.MaskSampler(pm, 1, "roi", 0.5, weights)
+  mask = np.asarray(sampler.sample(jax.random.key(0)).mask)
+  assert mask.sum() == 32
+  chosen = set(pm.brain_region[mask].tolist())
+  assert chosen.isdisjoint({0, 7}) and len(chosen) == 4
