@@ -161,7 +161,8 @@ def build_patch_map(on_grid: atlas_lib.Atlas, patch_size: int,
       minlength=n * (num_regions + 1)).reshape(n, num_regions + 1)[:, 1:]
   labelled = counts.sum(axis=1) > 0
   majority = np.where(labelled, np.argmax(counts, axis=1), -1)
-  centres = _patches_of(nearest_label, p)[:, (p ** 3) // 2] - 1
+  centre = (p // 2) * (p * p + p + 1)  # flat index of voxel (p/2, p/2, p/2)
+  centres = _patches_of(nearest_label, p)[:, centre] - 1
   majority = np.where(labelled, majority, centres)
 
   membership = counts > 0

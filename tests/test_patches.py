@@ -56,7 +56,8 @@ def test_white_matter_is_brain_and_takes_the_nearest_region():
   core = np.ravel_multi_index((1, 1, 1), pm.patch_grid)
   assert pm.brain_fraction[core] == 1.0          # filled in as brain
   assert pm.voxel_counts[core].sum() == 0        # no labelled voxel
-  assert pm.region[core] >= 0                    # borrowed a neighbour's region
+  # Centre voxel (6, 6, 6): its nearest labelled voxels are all in octant id 8.
+  assert pm.region[core] == 7
   assert pm.membership[core].sum() == 1
 
 
