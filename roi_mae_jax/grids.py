@@ -39,7 +39,7 @@ class Grid:
     affine = np.asarray(self.affine, dtype=np.float64)
     if len(self.shape) != 3 or affine.shape != (4, 4):
       raise errors.InputError(f"a grid needs a 3D shape and a 4x4 affine, got "
-                       f"shape {self.shape} and affine {affine.shape}")
+                              f"shape {self.shape} and affine {affine.shape}")
     object.__setattr__(self, "affine", affine)
 
   @property

@@ -208,7 +208,7 @@ class MaskSampler:
     keep_units = int(units * (1.0 - ratio))
     if keep_units < 1 or keep_units >= units:
       raise errors.InputError(f"mask.ratio={ratio} leaves {keep_units} of {units} "
-                       f"{'patches' if spatial else 'tokens'} visible")
+                              f"{'patches' if spatial else 'tokens'} visible")
     self._spatial = spatial
     self._keep_units = keep_units
     self.num_keep = keep_units * (self.num_time if spatial else 1)
@@ -220,19 +220,19 @@ class MaskSampler:
     weights = np.asarray(weights, np.float32)
     if weights.shape != (num_regions,):
       raise errors.InputError(f"mask weights need one value per region ({num_regions}), "
-                       f"got shape {weights.shape}")
-    members, valid, num_groups = _region_groups(patch_map)
-    # A mixed patch (pure assignment) weighs the mean of the regions it touches.
-    touched = patch_map.brain_membership[patch_map.brain_region < 0]
-    mixed_w = (touched * weights).sum(1) / np.maximum(touched.sum(1), 1)
-    group_weight = np.concatenate([weights, mixed_w]).astype(np.float32)
-    assert group_weight.shape == (num_groups,)
-    unit_sizes = np.bincount(members[valid], minlength=num_groups)
-    self._members = jnp.asarray(members)
-    self._valid = jnp.asarray(valid)
-    self._group_weight = jnp.asarray(group_weight)
-    self._max_unit = int(unit_sizes.max())
+                              f"got shape {weights.shape}")
     self._quota = units - keep_units
+    if strategy in ("roi", "roi_time"):  # random and tube need no regions
+      members, valid, num_groups = _region_groups(patch_map)
+      # A mixed patch (pure assignment) weighs the mean of the regions it touches.
+      touched = patch_map.brain_membership[patch_map.brain_region < 0]
+      mixed_w = (touched * weights).sum(1) / np.maximum(touched.sum(1), 1)
+      group_weight = np.concatenate([weights, mixed_w]).astype(np.float32)
+      assert group_weight.shape == (num_groups,)
+      self._members = jnp.asarray(members)
+      self._valid = jnp.asarray(valid)
+      self._group_weight = jnp.asarray(group_weight)
+      self._max_unit = int(np.bincount(members[valid], minlength=num_groups).max())
     self.sample_batch = jax.jit(self._sample_batch, static_argnums=1)
 
   def sample(self, key: jax.Array) -> MaskSample:

@@ -132,7 +132,7 @@ def build_patch_map(on_grid: atlas_lib.Atlas, patch_size: int,
   """Patch facts for an atlas already resampled onto the target grid."""
   if assignment not in ASSIGNMENTS:
     raise errors.InputError(f"patches.assignment must be one of {ASSIGNMENTS}, "
-                     f"got {assignment!r}")
+                            f"got {assignment!r}")
   if not 0.0 <= brain_threshold < 1.0:
     raise errors.InputError(f"patches.brain_threshold must be in [0, 1), got {brain_threshold}")
   labels = on_grid.labels
