@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Iterable, Sequence
 
 import ml_collections
@@ -85,3 +87,15 @@ def require(config, keys: Iterable[str], task: str) -> None:
     raise errors.InputError(
         f"task '{task}' needs config keys {', '.join(missing)} "
         f"(set them in the config file or with --config.KEY=VALUE)")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/NAME.py[:arg]' -> its `get_config(arg)`, as `--config=` loads it."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise errors.InputError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

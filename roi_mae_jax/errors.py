@@ -7,3 +7,7 @@ status 2, so its message must name the file or config key and the reason.
 
 class InputError(ValueError):
   """Bad input from the user: a file, a config value, a missing key."""
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. a non-finite loss); the message says why."""

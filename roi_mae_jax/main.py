@@ -6,7 +6,8 @@ r"""The one entry point: `config.task` picks the job.
 
 Each task module exposes `REQUIRED_KEYS` (dotted config keys) and
 `run(config, workdir)`. Bad input (an unknown task, a missing key, a bad file)
-is printed as one line and the process exits with status 2.
+is printed as one line and the process exits with status 2; a run that has
+to stop (a non-finite loss) exits with status 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from roi_mae_jax import errors
 
 # Task name -> module; imported only when chosen, so the CLI starts fast.
 TASKS = {
+    "pretrain": "roi_mae_jax.train",
     "show_masks": "roi_mae_jax.show_masks",
 }
 
@@ -33,6 +35,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/show_masks.py[:arg].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
+
+
+class _LibraryChatter:
+  """Drops INFO lines of checkpointing/input libraries; warnings still show."""
+
+  NOISY = ("/orbax/", "/grain/", "/absl/logging")
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -54,12 +65,17 @@ def main(argv) -> None:
     raise app.UsageError("--config=configs/NAME.py is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir=DIR is required")
+  logging.get_absl_handler().addFilter(_LibraryChatter())
   try:
     run_task(_CONFIG.value, _WORKDIR.value)
   except errors.InputError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except errors.TrainingError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

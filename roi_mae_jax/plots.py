@@ -119,3 +119,46 @@ def show_masks_figure(patch_map, samples: Mapping[str, object], num_time: int,
     axes[row, 3].tick_params(labelsize=6)
   fig.tight_layout()
   return fig
+
+
+def _grey_rgb(volume: np.ndarray, brain: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
+  """Grey-scale RGB of a volume; NaN (masked) shows in red, non-brain black."""
+  lo, hi = limits
+  grey = np.clip((np.nan_to_num(volume) - lo) / max(hi - lo, 1e-6), 0, 1)
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  rgb[np.isnan(volume) & brain] = (0.55, 0.1, 0.1)
+  rgb[~brain] = BACKGROUND
+  return rgb
+
+
+def reconstruction_figure(window: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray,
+                          brain: np.ndarray, affine: np.ndarray, point_mm: Sequence[float],
+                          frame: int = 0) -> plt.Figure:
+  """Rows: input, input with masked patches (red), reconstruction; one frame."""
+  limits = tuple(np.percentile(window[brain][:, frame], [1, 99]))
+  rows = [("input", window), ("masked input", masked), ("reconstruction", reconstruction)]
+  fig, axes = plt.subplots(3, 3, figsize=(8, 7.6))
+  for row, (name, volume) in enumerate(rows):
+    orthogonal_slices(axes[row], _grey_rgb(volume[..., frame], brain, limits), affine,
+                      point_mm, titles=(f"{name}, frame {frame}", "", ""))
+  fig.tight_layout()
+  return fig
+
+
+def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
+  """Masked-token loss (log scale) and learning rate against step."""
+  steps = [r["step"] for r in records]
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  ax.plot(steps, [r["loss"] for r in records], color="C0", label="loss (masked tokens)")
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("MSE on masked tokens")
+  ax.grid(alpha=0.3)
+  lr_axis = ax.twinx()
+  lr_axis.plot(steps, [r["learning_rate"] for r in records], color="C1", alpha=0.6,
+               label="learning rate")
+  lr_axis.set_ylabel("learning rate")
+  ax.set_title(f"pretraining loss{', ' + title if title else ''}", fontsize=9)
+  fig.legend(loc="upper right", fontsize=7)
+  fig.tight_layout()
+  return fig

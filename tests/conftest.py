@@ -48,3 +48,10 @@ def toy_atlas(shape=(8, 8, 8), voxel=4.0) -> atlas_lib.Atlas:
   regions = tuple(atlas_lib.Region(n, names[n], atlas_lib.hemisphere_of(names[n]),
                                    atlas_lib.system_of(names[n])) for n in range(1, 9))
   return atlas_lib.Atlas(labels, grid, regions, source="toy")
+
+
+def load_config(name: str, arg: str = ""):
+  """`configs/NAME.py:arg`, loaded the way `--config=` loads it."""
+  from roi_mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  return config_lib.load_config_file(f"{path}:{arg}" if arg else path)

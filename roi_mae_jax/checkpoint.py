@@ -1,0 +1,126 @@
+"""Checkpoints (the only module that imports Orbax) and the run's config.json.
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    ckpt.save(step, state, data_state=it.get_state())   # async; returns at once
+    if ckpt.latest_step() is not None:
+      state, data_state = ckpt.restore(abstract_state)  # sharded like abstract_state
+    ckpt.close()                                        # waits for pending saves
+
+A save is written to a temporary folder and renamed when complete, so a save
+cut off by a crash is never listed, and the previous checkpoint is used.
+Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from roi_mae_jax import errors
+from roi_mae_jax import outputs
+
+CONFIG_FILE = "config.json"
+
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_key_data(x):
+  if not _is_key(x):
+    return x
+  data = jax.eval_shape(jax.random.key_data, x)
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):  # keys are replicated here
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+def _data_to_keys(restored, abstract):
+  def back(value, target):
+    if _is_key(target):
+      # Abstract keys (ShapeDtypeStruct) only carry the impl on their dtype.
+      impl = jax.random.key_impl(target) if isinstance(target, jax.Array) else target.dtype._impl
+      return jax.random.wrap_key_data(value, impl=impl)
+    return value
+  return jax.tree.map(back, restored, abstract)
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a train state and its data iterator."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # drop saves cut off by a crash
+        create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
+    items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None]:
+    """(state, data_state) of `step` (default latest), laid out like `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise errors.InputError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(_abstract_key_data, abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    has_data = "data" in self.item_names(step)
+    if has_data:
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = _data_to_keys(restored["state"], abstract_state)
+    return state, (restored["data"] if has_data else None)
+
+  def item_names(self, step: int) -> list[str]:
+    path = os.path.join(self.directory, str(step))
+    return [n for n in os.listdir(path) if not n.startswith("_")] if os.path.isdir(path) else []
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict,
+                 may_differ: tuple[str, ...] = ()) -> str:
+  """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.
+
+  Keys in `may_differ` (e.g. total_steps) may change between a run and its resume.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(current)
+                     if k not in may_differ and previous.get(k) != current.get(k))
+    if changed:
+      raise errors.InputError(
+          f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
+          "with the same config or choose another --workdir")
+  outputs.write_json(path, current)
+  return path

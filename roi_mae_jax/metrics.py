@@ -1,0 +1,80 @@
+"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, a console line.
+
+    log = MetricsLog(workdir, total_steps, resumed_from=0)
+    log.write(step, {"loss": 0.8, "grad_norm": 1.2})  # one JSON line + TB scalars
+    log.progress(step, seconds_per_step=0.4, extra="loss 0.800")
+    log.close()
+
+Only process 0 writes. On resume, lines for steps past the restored
+checkpoint (work that was lost with the crash) are dropped from the JSONL so
+the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+import jax
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+  """Appends metrics for one run (possibly resumed) of `total_steps` steps."""
+
+  def __init__(self, workdir: str, total_steps: int, resumed_from: int = 0):
+    self.total_steps = total_steps
+    self.start_step = resumed_from
+    self.start_time = time.time()
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if not self.enabled:
+      return
+    kept = [r for r in read_metrics(workdir) if r["step"] <= resumed_from]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.path)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from + 1)
+
+  def write(self, step: int, values: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in values.items():
+      self._tb.add_scalar(f"train/{name}", float(value), int(step))
+    self._tb.flush()
+
+  def progress(self, step: int, seconds_per_step: float, extra: str = "") -> None:
+    """A console line: step, share done, speed and time left."""
+    remaining = (self.total_steps - step) * seconds_per_step
+    logging.info("step %d/%d (%.0f%%) %s | %.2f s/step | eta %s", step, self.total_steps,
+                 100.0 * step / max(self.total_steps, 1), extra, seconds_per_step,
+                 _duration(remaining))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,183 @@
+r"""Task `pretrain`: the region-aware masked autoencoder on a device mesh.
+
+    python -m roi_mae_jax.main --config=configs/pretrain_aal3.py --workdir=runs/demo
+
+Re-running with the same workdir resumes from the newest checkpoint (same
+data order, same masks, same numbers). Writes to WORKDIR: config.json,
+checkpoints/, metrics.jsonl, tensorboard/, loss_curve.png, reconstruction.png
+and pretrain_summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import errors
+from roi_mae_jax import masking
+from roi_mae_jax import metrics as metrics_lib
+from roi_mae_jax import model as model_lib
+from roi_mae_jax import outputs
+from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import plots
+from roi_mae_jax import sharding as sharding_lib
+from roi_mae_jax import train_step
+from roi_mae_jax.data import pipeline
+from roi_mae_jax.data import synthetic
+
+REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size_mm",
+                 "patches.size", "patches.frames", "mask.strategy", "mask.ratio", "model.size",
+                 "optim.learning_rate", "log_every", "checkpoint_every")
+# Settings a resumed run may change without being a different run.
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "fault_kill_after_step", "overwrite")
+
+
+def make_source(config: ml_collections.ConfigDict, multiple_of: int):
+  """The training records: synthetic unless `data.shards` names prepared shards."""
+  if config.data.shards:
+    raise errors.InputError(
+        f"data.shards={config.data.shards!r}: reading prepared shards is not available in "
+        "this version; leave data.shards empty to pretrain on the synthetic data")
+  data = synthetic.SyntheticFMRI.from_config(config, multiple_of=multiple_of)
+  return pipeline.SyntheticWindows(data, config.frames)
+
+
+def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
+  bad = int(jax.device_get(state["bad_step"]))
+  if bad >= 0:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"checkpoint step {last} in {ckpt.directory} is kept" if last is not None \
+        else "no checkpoint had been written"
+    raise errors.TrainingError(
+        f"loss or gradient norm was not finite at step {bad + 1} (seen by step {step}); "
+        f"training stopped and {kept}. Lower optim.learning_rate or check the data.")
+
+
+def _compile(setup: train_step.TrainSetup, state, batch):
+  start = time.time()
+  compiled = setup.step.lower(state, batch).compile()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  logging.info("step compiled in %.1f s: %.3g FLOPs per step, %s", time.time() - start,
+               cost.get("flops", float("nan")),
+               f"{memory.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if memory else "")
+  return compiled
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  # --- Mesh ---------------------------------------------------------------
+  mesh = sharding_lib.mesh_from_config(config.mesh)
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  local_batch = config.batch_size // jax.process_count()
+
+  # --- Tokens and masks ---------------------------------------------------
+  patch_map = patches_lib.patch_map_from_config(config)
+  spec = model_lib.spec_from_config(config, patch_map)
+  sampler = masking.sampler_from_config(config, patch_map)
+  logging.info("%d brain patches x %d time chunks = %d tokens per window "
+               "(%d visible, %d masked, strategy %s)", spec.num_patches, spec.num_time,
+               spec.num_tokens, sampler.num_keep, sampler.num_mask, config.mask.strategy)
+
+  # --- Input --------------------------------------------------------------
+  source = make_source(config, multiple_of=config.patches.size)
+  dataset = pipeline.training_dataset(source, local_batch, config.seed)
+  iterator = iter(dataset.to_iter_dataset(pipeline.read_options()))
+
+  # --- State and checkpoints ----------------------------------------------
+  setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
+  checkpoint_lib.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(setup.abstract_state)
+    if data_state is not None:
+      iterator.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+  else:
+    state = setup.init()
+  start_step = int(jax.device_get(state["step"]))
+  log = metrics_lib.MetricsLog(workdir, config.total_steps, resumed_from=start_step)
+
+  # --- Loop ---------------------------------------------------------------
+  tokens_per_step = config.batch_size * spec.num_tokens
+  compiled, pending = None, []
+  last_time, last_step = time.time(), start_step
+  for step in range(start_step, config.total_steps):
+    batch = sharding_lib.global_batch({"windows": next(iterator)["windows"]}, mesh)
+    if compiled is None:
+      compiled = _compile(setup, state, batch)
+      last_time = time.time()
+    state, step_metrics = compiled(state, batch)
+    pending.append(step_metrics)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.total_steps:
+      _check_finite(state, done, ckpt)
+      values = jax.device_get(pending)
+      elapsed = time.time() - last_time
+      seconds_per_step = elapsed / max(done - last_step, 1)
+      record = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "grad_norm")}
+      record.update(param_norm=float(values[-1]["param_norm"]),
+                    learning_rate=float(values[-1]["learning_rate"]),
+                    step_time=seconds_per_step, tokens_per_s=tokens_per_step / seconds_per_step)
+      log.write(done, record)
+      log.progress(done, seconds_per_step, f"loss {record['loss']:.4f}")
+      pending, last_time, last_step = [], time.time(), done
+    if done % config.checkpoint_every == 0 or done == config.total_steps:
+      _check_finite(state, done, ckpt)
+      ckpt.save(done, state, data_state=iterator.get_state())
+    if done == config.get("fault_kill_after_step", 0):
+      ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
+      os.kill(os.getpid(), signal.SIGKILL)
+  ckpt.close()
+  log.close()
+
+  # --- Figures --------------------------------------------------------------
+  if jax.process_index() == 0:
+    write_figures(config, workdir, setup, state, source, spec, sampler)
+
+
+def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, source,
+                  spec: model_lib.TokenSpec, sampler: masking.MaskSampler) -> None:
+  """loss_curve.png, reconstruction.png and pretrain_summary.json."""
+  records = metrics_lib.read_metrics(workdir)
+  fig = plots.loss_curve_figure(records, title=f"{config.mask.strategy} masking")
+  fig.savefig(os.path.join(workdir, "loss_curve.png"), dpi=110)
+
+  example = source.draw(0, np.random.default_rng(config.seed))
+  windows = example["windows"][None]
+  masks = sampler.sample_batch(jax.random.key(config.seed + 1), 1)
+  model = nnx.merge(setup.graphdef, jax.device_get(state["params"]))
+  out = jax.jit(lambda w, m: model(w, m))(windows, masks)
+  prediction = np.asarray(out["prediction"])
+  tokens = np.asarray(out["tokens"])
+  if model.norm_target:  # back from per-patch normalised units
+    prediction = prediction * tokens.std(-1, keepdims=True) + tokens.mean(-1, keepdims=True)
+  mask = np.asarray(out["mask"])[0]
+  filled = np.where(mask[None, :, None], prediction, tokens)
+  masked_input = np.where(mask[None, :, None], np.nan, tokens)
+  fig = plots.reconstruction_figure(
+      windows[0], np.asarray(spec.unpatchify(masked_input))[0],
+      np.asarray(spec.unpatchify(filled))[0], source.data.brain, source.data.grid.affine,
+      point_mm=config.get("figure_point_mm", (30.0, -20.0, 8.0)))
+  fig.savefig(os.path.join(workdir, "reconstruction.png"), dpi=110)
+  first, last = (records[0], records[-1]) if records else ({}, {})
+  outputs.write_json(os.path.join(workdir, "pretrain_summary.json"), {
+      "steps": int(jax.device_get(state["step"])),
+      "first_logged_loss": first.get("loss"), "final_loss": last.get("loss"),
+      "example_masked_loss": float(out["loss"]),
+      "tokens_per_window": spec.num_tokens, "visible_tokens": sampler.num_keep,
+      "brain_patches": spec.num_patches, "box_patches": int(np.prod(spec.patch_grid)),
+      "mask_strategy": config.mask.strategy, "mask_ratio": config.mask.ratio,
+      "model_size": config.model.size})
+  logging.info("wrote loss_curve.png, reconstruction.png, pretrain_summary.json to %s", workdir)

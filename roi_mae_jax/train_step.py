@@ -1,0 +1,153 @@
+"""Optimizer, sharded train state, and the pure, jitted pretraining step.
+
+The state is a dict of arrays: params (pure dict of the model's Params),
+opt_state, step, rng (a typed key) and bad_step (-1, or the first step whose
+loss or gradients were not finite; from then on updates are skipped, so the
+state stays the last good one).
+
+    setup = TrainSetup.create(config, spec, sampler, mesh)
+    state = setup.init()                                  # born sharded
+    state, metrics = setup.step(state, {"windows": batch})  # donated state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from roi_mae_jax import masking
+from roi_mae_jax import model as model_lib
+from roi_mae_jax import sharding as sharding_lib
+
+State = dict[str, Any]
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  """The `config.optim` block: AdamW with warmup + cosine decay, clipping."""
+  return ml_collections.ConfigDict({
+      "learning_rate": 1e-3,   # peak
+      "warmup_steps": 20,
+      "final_lr_ratio": 0.05,  # end of the cosine, as a share of the peak
+      "weight_decay": 0.05,
+      "b1": 0.9,
+      "b2": 0.95,
+      "clip_norm": 1.0,
+  })
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
+  # No weight decay on biases, norms and the mask token (MAE convention).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                  mask=decay_mask))
+
+
+def _select(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything the loop needs: shardings, init, and the compiled step."""
+
+  graphdef: Any
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  sampler: masking.MaskSampler
+  batch_size: int
+  state_shardings: State
+  abstract_state: State
+  _init: Callable[[], State]
+  step: Callable[[State, dict], tuple[State, dict]]
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, spec: model_lib.TokenSpec,
+             sampler: masking.MaskSampler, mesh: jax.sharding.Mesh) -> "TrainSetup":
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    schedule = learning_rate_schedule(config.optim, config.total_steps)
+    tx = make_optimizer(config.optim, schedule)
+
+    def new_model(key):  # placed by the jitted init's out_shardings below
+      return model_lib.MaskedAutoencoder(spec, config.model, rngs=nnx.Rngs(params=key))
+
+    abstract_model = nnx.eval_shape(lambda: new_model(init_key))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    param_shardings = sharding_lib.param_shardings(abstract_params, mesh)
+    replicated = sharding_lib.replicated(mesh)
+
+    def init() -> State:
+      params = nnx.to_pure_dict(nnx.state(new_model(init_key), nnx.Param))
+      return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+              "rng": train_key, "bad_step": jnp.int32(-1)}
+
+    abstract = jax.eval_shape(init)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract["opt_state"], param_shardings,
+        transform_non_params=lambda _: replicated)
+    shardings = {"params": param_shardings, "opt_state": opt_shardings,
+                 "step": replicated, "rng": replicated, "bad_step": replicated}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    batch_size = int(config.batch_size)
+    step = jax.jit(
+        make_step_fn(graphdef, tx, schedule, sampler, batch_size),
+        in_shardings=(shardings, {"windows": sharding_lib.batch_sharding(mesh)}),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0)
+    return cls(graphdef, mesh, tx, schedule, sampler, batch_size, shardings, abstract,
+               jax.jit(init, out_shardings=shardings), step)
+
+  def init(self) -> State:
+    return self._init()
+
+  def model(self, state: State) -> model_lib.MaskedAutoencoder:
+    """The NNX model holding `state`'s parameters (for plots, probes, attribution)."""
+    return nnx.merge(self.graphdef, state["params"])
+
+
+def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler,
+                           batch_size: int) -> Callable[[State, dict], tuple[State, dict]]:
+  """The pure step `(state, batch) -> (state, metrics)` for jit."""
+
+  def loss_fn(params, windows, masks):
+    out = nnx.merge(graphdef, params)(windows, masks)
+    return out["loss"], out
+
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    step = state["step"]
+    masks = sampler.sample_batch(jax.random.fold_in(state["rng"], step), batch_size)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch["windows"], masks)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["bad_step"] < 0)
+    new_state = {
+        "params": _select(ok, params, state["params"]),
+        "opt_state": _select(ok, opt_state, state["opt_state"]),
+        "step": step + 1,
+        "rng": state["rng"],
+        "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "param_norm": optax.tree.norm(new_state["params"]),
+               "learning_rate": schedule(step)}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,205 @@
+"""Pretraining: overfitting, sharded == single device, exact resume after SIGKILL,
+checkpoints, non-finite losses, and the files a run leaves behind."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import errors
+from roi_mae_jax import main as main_lib
+from roi_mae_jax import masking
+from roi_mae_jax import metrics as metrics_lib
+from roi_mae_jax import model as model_lib
+from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import sharding
+from roi_mae_jax import train_step
+from roi_mae_jax.data import pipeline
+from roi_mae_jax.data import synthetic
+
+
+def _setup(config, devices):
+  patch_map = patches_lib.patch_map_from_config(config)
+  spec = model_lib.spec_from_config(config, patch_map)
+  sampler = masking.sampler_from_config(config, patch_map)
+  mesh = sharding.mesh_from_config(config.mesh, devices)
+  return train_step.TrainSetup.create(config, spec, sampler, mesh), mesh
+
+
+def _fixed_batch(config, size, seed=0):
+  data = synthetic.SyntheticFMRI.from_config(config, multiple_of=config.patches.size)
+  source = pipeline.SyntheticWindows(data, config.frames)
+  rng = np.random.default_rng(seed)
+  return np.stack([source.draw(i, rng)["windows"] for i in range(size)])
+
+
+def test_tiny_model_overfits_one_fixed_batch():
+  config = load_config("pretrain_aal3", "test")
+  config.batch_size = 2
+  config.model.pos_embedding = "learned"
+  config.optim.update(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0)
+  config.total_steps = 1000
+  setup, mesh = _setup(config, jax.devices()[:1])
+  batch = sharding.global_batch({"windows": _fixed_batch(config, 2)}, mesh)
+  state, losses = setup.init(), []
+  for _ in range(100):
+    state["step"] = jnp.zeros_like(state["step"])  # same masks every step
+    state, metrics = setup.step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_sharded_step_matches_single_device():
+  config = load_config("pretrain_aal3", "test")
+  config.model.size = "tiny"  # 2 heads: tensor axis 2 splits them
+  windows = _fixed_batch(config, config.batch_size)
+  params = {}
+  for name, devices, axes in (("single", jax.devices()[:1], (1, 1, 1)),
+                              ("sharded", jax.devices()[:8], (2, 2, 2))):
+    config.mesh.update(data=axes[0], fsdp=axes[1], tensor=axes[2])
+    setup, mesh = _setup(config, devices)
+    state = setup.init()
+    batch = sharding.global_batch({"windows": windows}, mesh)
+    losses = []
+    for _ in range(3):
+      state, metrics = setup.step(state, batch)
+      losses.append(float(metrics["loss"]))
+    if name == "sharded":
+      kernel = state["params"]["encoder"]["blocks"][0]["up"]["kernel"]
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+      assert len(kernel.addressable_shards) == 8
+    params[name] = (jax.device_get(state["params"]), losses)
+  np.testing.assert_allclose(params["single"][1], params["sharded"][1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params["single"][0]), jax.tree.leaves(params["sharded"][0])):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def _run_cli(workdir, *overrides):
+  cmd = [sys.executable, "-m", "roi_mae_jax.main", "--config=configs/pretrain_aal3.py:test",
+         f"--workdir={workdir}", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final_params(workdir):
+  config = load_config("pretrain_aal3", "test")
+  setup, _ = _setup(config, jax.devices()[:1])
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, data_state = ckpt.restore(setup.abstract_state)
+  ckpt.close()
+  return jax.device_get(state), data_state
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  done = _run_cli(straight, "--config.log_every=1")
+  assert done.returncode == 0, done.stderr[-2000:]
+  crashed = _run_cli(killed, "--config.fault_kill_after_step=3", "--config.checkpoint_every=1",
+                     "--config.log_every=1")
+  assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+  assert not (killed / "loss_curve.png").exists()
+  assert checkpoint_lib.Checkpointer(str(killed / "checkpoints")).latest_step() == 3
+  resumed = _run_cli(killed, "--config.checkpoint_every=1", "--config.log_every=1")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stderr
+  a, data_a = _final_params(straight)
+  b, data_b = _final_params(killed)
+  assert int(a["step"]) == int(b["step"]) == 6
+  assert data_a == data_b
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-7)
+  # One line per step, none duplicated by the replay after the crash.
+  records = {w: metrics_lib.read_metrics(str(w)) for w in (straight, killed)}
+  assert [r["step"] for r in records[killed]] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([r["loss"] for r in records[straight]],
+                             [r["loss"] for r in records[killed]], rtol=1e-6)
+  for name in ("loss_curve.png", "reconstruction.png", "pretrain_summary.json", "config.json"):
+    assert (killed / name).stat().st_size > 0
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(killed / "tensorboard"))
+
+
+def test_checkpoints_round_trip_rng_keys_and_skip_cut_off_saves(tmp_path):
+  mesh = sharding.mesh_from_config(sharding.mesh_config(data=2, fsdp=2, tensor=2))
+  repl = sharding.replicated(mesh)
+  key = jax.device_put(jax.random.fold_in(jax.random.key(42), 7), repl)
+  state = {"rng": key, "w": jax.device_put(jnp.arange(16.0).reshape(4, 4),
+                                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))}
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, state, data_state={"next_index": step})
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]  # keep=2
+  # A save cut off mid-write leaves only a temporary folder: never listed.
+  shutil.copytree(tmp_path / "3", tmp_path / "4.orbax-checkpoint-tmp-99")
+  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  assert ckpt.latest_step() == 3
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored, data_state = ckpt.restore(abstract)
+  ckpt.close()
+  assert data_state == {"next_index": 3}
+  assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
+  np.testing.assert_array_equal(jax.random.uniform(jax.random.fold_in(restored["rng"], 3), (4,)),
+                                jax.random.uniform(jax.random.fold_in(key, 3), (4,)))
+  assert restored["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = load_config("pretrain_aal3", "test")
+  config.optim.learning_rate = 1e30
+  config.checkpoint_every = 1
+  config.log_every = 1
+  with pytest.raises(errors.TrainingError, match=r"not finite at step (\d+)") as info:
+    main_lib.run_task(config, str(tmp_path))
+  bad = int(re.search(r"not finite at step (\d+)", str(info.value)).group(1))
+  steps = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+  assert steps and max(steps) < bad
+  assert f"checkpoint step {max(steps)}" in str(info.value)
+
+
+def test_resume_refuses_a_workdir_of_another_run(tmp_path):
+  config = load_config("pretrain_aal3", "test")
+  config.total_steps = 2
+  main_lib.run_task(config, str(tmp_path))
+  summary = json.loads((tmp_path / "pretrain_summary.json").read_text())
+  assert summary["steps"] == 2 and summary["tokens_per_window"] > 0
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [2]
+  assert set(records[0]) >= {"loss", "grad_norm", "param_norm", "learning_rate", "step_time",
+                             "tokens_per_s"}
+  config.mask.ratio = 0.75
+  with pytest.raises(errors.InputError, match="mask"):
+    main_lib.run_task(config, str(tmp_path))
+
+
+def test_shards_and_bad_mesh_are_input_errors(tmp_path):
+  config = load_config("pretrain_aal3", "test")
+  config.data.shards = "/nowhere/*.array_record"
+  with pytest.raises(errors.InputError, match="data.shards"):
+    main_lib.run_task(config, str(tmp_path / "a"))
+  config = load_config("pretrain_aal3", "test")
+  config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(errors.InputError, match="batch_size 8 must be a multiple"):
+    main_lib.run_task(config, str(tmp_path / "b"))
+
+
+def test_random_config_differs_only_in_strategy():
+  roi, rnd = load_config("pretrain_aal3"), load_config("pretrain_random")
+  assert rnd.mask.strategy == "random" and roi.mask.strategy == "roi"
+  rnd.mask.strategy = "roi"
+  assert rnd.to_dict() == roi.to_dict()
+  paper = load_config("pretrain_aal3", "adhd200")
+  assert paper.grid.shape == (96, 96, 96) and paper.grid.voxel_size_mm == 2.0
+  assert paper.frames == 20 and paper.patches.size == 6 and paper.patches.frames == 1
