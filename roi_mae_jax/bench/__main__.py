@@ -2,6 +2,7 @@
 
     python -m roi_mae_jax.bench masks              # mask samplers at paper scale
     python -m roi_mae_jax.bench masks --json=out.json
+    python -m roi_mae_jax.bench train              # step time, tokens/s, MFU
 
 Each part prints a table of figures; none of it is a pass/fail test.
 """
@@ -14,7 +15,7 @@ import json
 import sys
 
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
-PARTS = {"masks": "roi_mae_jax.bench.masks"}
+PARTS = {"masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train"}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,142 @@
+"""Train-step speed: step time, tokens/s, FLOPs, achieved FLOP/s and MFU.
+
+MFU is the model's matmul FLOPs per step (analytic: forward x 3 for forward
+and backward) over the step time, against the matmul peak measured in the
+same run on the same device (a large jitted matmul in the compute dtype).
+XLA's own FLOP count of the compiled step (which includes elementwise work)
+is printed beside it. Also: tokens saved by brain-only patches.
+
+    python -m roi_mae_jax.bench train                       # small model, demo grid
+    python -m roi_mae_jax.bench train --config=configs/pretrain_aal3.py:adhd200 \
+        --size=base --batch=8                                # paper scale (accelerators)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from roi_mae_jax import config_lib
+from roi_mae_jax import masking
+from roi_mae_jax import model as model_lib
+from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import sharding
+from roi_mae_jax import train_step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", default="configs/pretrain_aal3.py",
+                      help="config file[:variant] giving grid, patches and frames")
+  parser.add_argument("--size", default="small", choices=sorted(model_lib.SIZES))
+  parser.add_argument("--batch", type=int, default=0, help="0: the config's batch size")
+  parser.add_argument("--dtype", default="", choices=["", *model_lib.DTYPES],
+                      help="compute dtype (default: the config's)")
+  parser.add_argument("--strategy", default="", help="mask strategy (default: the config's)")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
+
+
+def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> float:
+  """FLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, b))
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def analytic_flops(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_keep: int,
+                   batch: int) -> float:
+  """Matmul FLOPs of one train step (forward + backward = 3 x forward)."""
+  width, depth, _, d_width, d_depth, _ = model_lib.SIZES[size]
+  n, d_tok = spec.num_tokens, spec.token_dim
+
+  def stack(tokens, w, layers):  # qkv + out (4 w^2), MLP (2 r w^2), attention (2 n w)
+    per_token = 2 * (4 * w * w + 2 * mlp_ratio * w * w) + 2 * 2 * tokens * w
+    return layers * tokens * per_token
+
+  forward = (2 * n * d_tok * width                  # patch embedding (all tokens)
+             + stack(num_keep, width, depth)        # encoder, visible tokens only
+             + 2 * num_keep * width * d_width       # encoder -> decoder
+             + stack(n, d_width, d_depth)           # decoder, all tokens
+             + 2 * n * d_width * d_tok)             # prediction head
+  return 3.0 * batch * forward
+
+
+def run(args) -> dict:
+  config = config_lib.load_config_file(args.config)
+  config.model.size = args.size
+  if args.dtype:
+    config.model.dtype = args.dtype
+  if args.strategy:
+    config.mask.strategy = args.strategy
+  if args.batch:
+    config.batch_size = args.batch
+  config.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  patch_map = patches_lib.patch_map_from_config(config)
+  spec = model_lib.spec_from_config(config, patch_map)
+  sampler = masking.sampler_from_config(config, patch_map)
+  setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} x{jax.device_count()}  model {args.size} "
+        f"({config.model.dtype})  grid {patch_map.atlas.grid.describe()}  patch "
+        f"{spec.patch_size}^3 x {spec.patch_frames}  frames {spec.window_shape[3]}  "
+        f"batch {config.batch_size}  mask {config.mask.strategy} {config.mask.ratio}")
+
+  box_tokens = patch_map.num_patches * spec.num_time
+  print(f"tokens per window: {spec.num_tokens} brain vs {box_tokens} in the box "
+        f"({1 - spec.num_tokens / box_tokens:.1%} saved); encoder sees {sampler.num_keep}")
+
+  state = setup.init()
+  windows = np.random.default_rng(0).standard_normal(
+      (config.batch_size,) + spec.window_shape).astype(np.float32)
+  batch = sharding.global_batch({"windows": windows}, mesh)
+  start = time.perf_counter()
+  compiled = setup.step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan")))
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+
+  flops = analytic_flops(spec, args.size, config.model.mlp_ratio, sampler.num_keep,
+                         config.batch_size)
+  peak_dtype = model_lib.DTYPES[config.model.dtype]
+  peak = measure_matmul_peak(args.peak_size, peak_dtype) * jax.device_count()
+  figures = {
+      "device": device.device_kind, "devices": jax.device_count(), "model": args.size,
+      "dtype": config.model.dtype, "batch": config.batch_size,
+      "compile_s": compile_s, "step_s": step_s,
+      "tokens_per_s": config.batch_size * spec.num_tokens / step_s,
+      "encoder_tokens_per_s": config.batch_size * sampler.num_keep / step_s,
+      "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,
+      "achieved_flops_per_s": flops / step_s, "peak_matmul_flops_per_s": peak,
+      "mfu": flops / step_s / peak,
+      "tokens_brain": spec.num_tokens, "tokens_box": box_tokens,
+      "loss": float(metrics["loss"]),
+  }
+  print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps})")
+  print(f"tokens/s {figures['tokens_per_s']:.4g} (encoder {figures['encoder_tokens_per_s']:.4g})")
+  print(f"model FLOPs/step {flops:.4g} (analytic matmul); XLA counts {xla_flops:.4g}")
+  print(f"achieved {flops / step_s / 1e9:.1f} GFLOP/s; measured {peak_dtype.__name__} matmul "
+        f"peak {peak / 1e9:.1f} GFLOP/s; MFU {figures['mfu']:.1%}")
+  return figures
