@@ -162,3 +162,9 @@ def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -
   fig.legend(loc="upper right", fontsize=7)
   fig.tight_layout()
   return fig
+
+
+def save(fig: plt.Figure, path: str, dpi: int = 110) -> None:
+  """Writes a PNG and frees the figure (long processes draw many)."""
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)

@@ -57,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   fig = plots.show_masks_figure(patch_map, samples, num_time,
                                 tuple(config.show.slice_mm),
                                 int(config.show.get("time_chunk", 0)))
-  fig.savefig(png_path, dpi=110)
+  plots.save(fig, png_path)
   outputs.write_json(json_path, {
       "grid": patch_map.atlas.grid.describe(),
       "patch_size": patch_map.patch_size,

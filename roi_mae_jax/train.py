@@ -143,25 +143,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   log.close()
 
   # --- Figures --------------------------------------------------------------
-  if jax.process_index() == 0:
-    write_figures(config, workdir, setup, state, source, spec, sampler)
+  write_figures(config, workdir, setup, state, source, spec, sampler)
 
 
 def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, source,
                   spec: model_lib.TokenSpec, sampler: masking.MaskSampler) -> None:
-  """loss_curve.png, reconstruction.png and pretrain_summary.json."""
-  records = metrics_lib.read_metrics(workdir)
-  fig = plots.loss_curve_figure(records, title=f"{config.mask.strategy} masking")
-  fig.savefig(os.path.join(workdir, "loss_curve.png"), dpi=110)
+  """loss_curve.png, reconstruction.png and pretrain_summary.json.
 
+  Every process runs the example forward pass (parameters may be sharded
+  across hosts); process 0 writes the files.
+  """
   example = source.draw(0, np.random.default_rng(config.seed))
   windows = example["windows"][None]
   masks = sampler.sample_batch(jax.random.key(config.seed + 1), 1)
-  model = nnx.merge(setup.graphdef, jax.device_get(state["params"]))
-  out = jax.jit(lambda w, m: model(w, m))(windows, masks)
+  forward = jax.jit(lambda params, w, m: nnx.merge(setup.graphdef, params)(w, m),
+                    out_shardings=sharding_lib.replicated(setup.mesh))
+  out = jax.device_get(forward(state["params"], windows, masks))
+  if jax.process_index() != 0:
+    return
+  records = metrics_lib.read_metrics(workdir)
+  fig = plots.loss_curve_figure(records, title=f"{config.mask.strategy} masking")
+  plots.save(fig, os.path.join(workdir, "loss_curve.png"))
   prediction = np.asarray(out["prediction"])
   tokens = np.asarray(out["tokens"])
-  if model.norm_target:  # back from per-patch normalised units
+  if config.model.norm_target:  # back from per-patch normalised units
     prediction = prediction * tokens.std(-1, keepdims=True) + tokens.mean(-1, keepdims=True)
   mask = np.asarray(out["mask"])[0]
   filled = np.where(mask[None, :, None], prediction, tokens)
@@ -170,7 +175,7 @@ def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, sou
       windows[0], np.asarray(spec.unpatchify(masked_input))[0],
       np.asarray(spec.unpatchify(filled))[0], source.data.brain, source.data.grid.affine,
       point_mm=config.get("figure_point_mm", (30.0, -20.0, 8.0)))
-  fig.savefig(os.path.join(workdir, "reconstruction.png"), dpi=110)
+  plots.save(fig, os.path.join(workdir, "reconstruction.png"))
   first, last = (records[0], records[-1]) if records else ({}, {})
   outputs.write_json(os.path.join(workdir, "pretrain_summary.json"), {
       "steps": int(jax.device_get(state["step"])),

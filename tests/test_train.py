@@ -169,6 +169,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert f"checkpoint step {max(steps)}" in str(info.value)
 
 
+def _tensorboard_scalars(folder):
+  """{tag: [(step, value)]} from TensorBoard event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for name in sorted(os.listdir(folder)):
+    raw = (folder / name).read_bytes()
+    pos = 0
+    while pos < len(raw):
+      length = int.from_bytes(raw[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
 def test_resume_refuses_a_workdir_of_another_run(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.total_steps = 2
@@ -179,6 +195,8 @@ def test_resume_refuses_a_workdir_of_another_run(tmp_path):
   assert [r["step"] for r in records] == [2]
   assert set(records[0]) >= {"loss", "grad_norm", "param_norm", "learning_rate", "step_time",
                              "tokens_per_s"}
+  assert _tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == [
+      (2, pytest.approx(records[0]["loss"]))]
   config.mask.ratio = 0.75
   with pytest.raises(errors.InputError, match="mask"):
     main_lib.run_task(config, str(tmp_path))
