@@ -69,7 +69,7 @@ def _compile(setup: train_step.TrainSetup, state, batch):
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
-  logging.info("step compiled in %.1f s: %.3g FLOPs per step, %s", time.time() - start,
+  logging.info("step compiled in %.1f s: %.3g FLOPs per step and device, %s", time.time() - start,
                cost.get("flops", float("nan")),
                f"{memory.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if memory else "")
   return compiled

@@ -85,3 +85,18 @@ def test_bench_masks_prints_figures(tmp_path, capsys):
   assert figures["tokens_all"] == 1320 * 3
   assert figures["tokens_brain"] < figures["tokens_all"]
   assert figures["strategies"]["roi"]["median_ms"] > 0
+
+
+def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
+  code = bench_main.main(["train", f"--config={config}", "--size=tiny", "--steps=1",
+                          "--peak_size=256", f"--json={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "MFU" in printed and "tokens/s" in printed
+  figures = json.loads(out.read_text())["train"]
+  assert 0 < figures["mfu"] and figures["step_s"] > 0
+  # The analytic count (matmuls only) is close to, and below, XLA's full count.
+  assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 1.0
+  assert figures["tokens_brain"] < figures["tokens_box"]
