@@ -40,7 +40,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
 class _LibraryChatter:
   """Drops INFO lines of checkpointing/input libraries; warnings still show."""
 
-  NOISY = ("/orbax/", "/grain/", "/absl/logging")
+  NOISY = ("/orbax/", "/grain/")
 
   def filter(self, record) -> bool:
     return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
