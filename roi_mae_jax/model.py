@@ -249,8 +249,9 @@ class MaskedAutoencoder(nnx.Module):
 
   def encode(self, tokens, ids_keep):
     """Visible tokens (B, N, D) -> encoded (B, n_keep, width)."""
-    x = self.embed(tokens.astype(self.dtype)) + self.token_codes().astype(self.dtype)
-    x = _take_tokens(x, ids_keep)
+    # Gather first, so only the visible tokens are embedded.
+    codes = jnp.take(self.token_codes().astype(self.dtype), ids_keep, axis=0)
+    x = self.embed(_take_tokens(tokens, ids_keep).astype(self.dtype)) + codes
     return self.encoder_norm(self.encoder(x))
 
   def decode(self, encoded, ids_restore):

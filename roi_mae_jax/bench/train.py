@@ -66,7 +66,7 @@ def analytic_flops(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_kee
     per_token = 2 * (4 * w * w + 2 * mlp_ratio * w * w) + 2 * 2 * tokens * w
     return layers * tokens * per_token
 
-  forward = (2 * n * d_tok * width                  # patch embedding (all tokens)
+  forward = (2 * num_keep * d_tok * width           # patch embedding (visible tokens)
              + stack(num_keep, width, depth)        # encoder, visible tokens only
              + 2 * num_keep * width * d_width       # encoder -> decoder
              + stack(n, d_width, d_depth)           # decoder, all tokens
