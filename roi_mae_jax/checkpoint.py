@@ -1,4 +1,4 @@
-"""Checkpoints (the only module that imports Orbax) and the run's config.json.
+"""Checkpoints: the only module that imports Orbax.
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
     ckpt.save(step, state, data_state=it.get_state())   # async; returns at once
@@ -13,18 +13,14 @@ Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from roi_mae_jax import errors
-from roi_mae_jax import outputs
 
-CONFIG_FILE = "config.json"
 
 
 def _is_key(x) -> bool:
@@ -103,24 +99,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict,
-                 may_differ: tuple[str, ...] = ()) -> str:
-  """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.
-
-  Keys in `may_differ` (e.g. total_steps) may change between a run and its resume.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  current = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(current)
-                     if k not in may_differ and previous.get(k) != current.get(k))
-    if changed:
-      raise errors.InputError(
-          f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
-          "with the same config or choose another --workdir")
-  outputs.write_json(path, current)
-  return path

@@ -9,7 +9,11 @@ import json
 import os
 from typing import Any, Sequence
 
+import ml_collections
+
 from roi_mae_jax import errors
+
+CONFIG_FILE = "config.json"
 
 
 def claim(workdir: str, names: Sequence[str], overwrite: bool) -> list[str]:
@@ -31,3 +35,24 @@ def write_json(path: str, payload: Any) -> None:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict,
+                 may_differ: tuple[str, ...] = ()) -> str:
+  """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.
+
+  Keys in `may_differ` (e.g. total_steps) may change between a run and its resume.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(current)
+                     if k not in may_differ and previous.get(k) != current.get(k))
+    if changed:
+      raise errors.InputError(
+          f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
+          "with the same config or choose another --workdir")
+  write_json(path, current)
+  return path

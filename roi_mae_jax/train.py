@@ -96,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   # --- State and checkpoints ----------------------------------------------
   setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
-  checkpoint_lib.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
+  outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
