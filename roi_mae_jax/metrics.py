@@ -31,11 +31,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """'3m04s', '1h02m'."""
   seconds = int(round(seconds))
   h, rest = divmod(seconds, 3600)
   m, s = divmod(rest, 60)
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+  """'[#####...............]' for done/total."""
+  filled = int(width * done / max(total, 1))
+  return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 class MetricsLog:
@@ -73,7 +80,7 @@ class MetricsLog:
     remaining = (self.total_steps - step) * seconds_per_step
     logging.info("step %d/%d (%.0f%%) %s | %.2f s/step | eta %s", step, self.total_steps,
                  100.0 * step / max(self.total_steps, 1), extra, seconds_per_step,
-                 _duration(remaining))
+                 duration(remaining))
 
   def close(self) -> None:
     if self._tb is not None:

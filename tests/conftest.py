@@ -55,3 +55,37 @@ def load_config(name: str, arg: str = ""):
   from roi_mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(REPO, "configs", f"{name}.py")
   return config_lib.load_config_file(f"{path}:{arg}" if arg else path)
+
+
+def write_athena_layout(root, num_subjects=8, run_frames=16, effect_regions="*_R", seed=0):
+  """Synthetic ADHD-200 (Athena) files: 4 mm LAS 49x58x47, effect in `effect_regions`."""
+  from roi_mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = synthetic.synthetic_config()
+  cfg.update(num_subjects=num_subjects, run_frames=run_frames, effect_regions=effect_regions,
+             effect_amplitude=2.0)
+  data = synthetic.SyntheticFMRI(atlas_lib.atlas_on_grid(synthetic.athena_grid()), cfg, seed)
+  return data, synthetic.write_adhd200(data, str(root))
+
+
+def prepare_config(input_dir, arg="test", **overrides):
+  config = load_config("prepare", arg)
+  config.input_dir = str(input_dir)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="session")
+def athena_dir(tmp_path_factory):
+  """Eight synthetic subjects in the ADHD-200 layout (3 sites, right-hemisphere effect)."""
+  root = tmp_path_factory.mktemp("athena")
+  write_athena_layout(root)
+  return root
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(athena_dir, tmp_path_factory):
+  """`athena_dir` prepared on the `:test` grid (8 mm, 20x24x24)."""
+  from roi_mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("prepared")
+  main_lib.run_task(prepare_config(athena_dir), str(workdir))
+  return workdir

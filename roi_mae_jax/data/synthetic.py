@@ -202,7 +202,13 @@ class SyntheticFMRI:
     return self.window(subject, 0, self.run_frames)
 
 
-ADHD200_PHENOTYPE_COLUMNS = ("ScanDir ID", "Site", "Gender", "Age", "DX")
+ADHD200_PHENOTYPE_COLUMNS = ("ScanDir ID", "Site", "Gender", "Age", "DX", "QC_Rest_1")
+
+
+def athena_grid() -> grids.Grid:
+  """The grid of the ADHD-200 Athena release: 49x58x47 voxels of 4 mm, LAS."""
+  affine = np.array([[-4.0, 0, 0, 96], [0, 4, 0, -132], [0, 0, 4, -78], [0, 0, 0, 1]])
+  return grids.Grid((49, 58, 47), affine)
 
 
 def adhd200_scan_path(root: str, subject: Subject) -> str:
@@ -240,7 +246,7 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
     rng = np.random.default_rng([data.seed, 0x77, s.index])
     rows.setdefault(s.site.name, []).append(
         [s.subject_id, s.site.name, int(rng.integers(0, 2)), round(float(rng.uniform(7, 18)), 2),
-         s.label])
+         s.label, 1])
   for site, site_rows in rows.items():
     table = os.path.join(root, site, f"{site}_phenotypic.csv")
     with open(table, "w", newline="", encoding="utf-8") as f:

@@ -1,0 +1,115 @@
+"""Preparing one scan: check, resample onto the target grid and TR, normalise, write.
+
+    job = ScanJob.create(on_grid, rules, normalise="global")
+    row = prepare_scan(entry, job, workdir)     # raises nifti.ScanRejected with the reason
+
+Only the atlas brain (the envelope of AAL3 on the target grid) is resampled
+and kept; the rest of the crop box is 0. Memory is one chunk of source
+frames plus the resampled run of this scan (about 3 x brain voxels x frames
+x 4 bytes), never more than one scan per worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import patches as patches_lib
+from roi_mae_jax.data import layouts
+from roi_mae_jax.data import nifti
+from roi_mae_jax.data import resample
+from roi_mae_jax.data import shards
+
+CHUNK_FRAMES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanJob:
+  """What every scan of one prepare run shares (sent once to each worker)."""
+
+  rules: nifti.ScanRules
+  info: shards.DatasetInfo
+  brain_world_mm: np.ndarray   # (N, 3) world coordinates of the brain voxels
+  brain_in_crop: tuple         # 3 x (N,) voxel indices inside the crop box
+
+  @classmethod
+  def create(cls, on_grid: atlas_lib.Atlas, rules: nifti.ScanRules,
+             normalise: str) -> "ScanJob":
+    brain = patches_lib.brain_envelope(on_grid.labels, min(on_grid.grid.voxel_size_mm))
+    voxels = np.argwhere(brain)
+    start, stop = voxels.min(0), voxels.max(0) + 1
+    grid = on_grid.grid
+    info = shards.DatasetInfo(
+        grid_shape=grid.shape, affine=tuple(float(v) for v in grid.affine.ravel()),
+        crop_start=tuple(int(s) for s in start), crop_shape=tuple(int(s) for s in stop - start),
+        tr=rules.target_tr, normalise=normalise)
+    return cls(rules, info, grid.world_coords(voxels), tuple((voxels - start).T))
+
+  @property
+  def num_brain_voxels(self) -> int:
+    return len(self.brain_world_mm)
+
+
+def _frame_list(frames: list[int]) -> str:
+  shown = ", ".join(map(str, frames[:5]))
+  return shown + (f" and {len(frames) - 5} more" if len(frames) > 5 else "")
+
+
+def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarray, float]:
+  """(N, frames) values at the brain voxels, (N,) voxels with data, NaN share.
+
+  Raises `ScanRejected` for too many non-finite voxels or an all-NaN frame.
+  """
+  sampler = resample.TrilinearSampler(scan.affine, scan.shape, job.brain_world_mm)
+  values = np.empty((job.num_brain_voxels, scan.frames), np.float32)
+  nonfinite = np.zeros(scan.shape, bool)
+  dead_frames = []
+  for start, chunk in scan.frame_chunks(CHUNK_FRAMES):
+    finite = np.isfinite(chunk)
+    if not finite.all():
+      nonfinite |= ~finite.all(axis=-1)
+      per_frame = finite.reshape(-1, chunk.shape[-1]).any(axis=0)
+      dead_frames += [start + t for t in np.flatnonzero(~per_frame)]
+      chunk = np.where(finite, chunk, 0.0)
+    values[:, start:start + chunk.shape[-1]] = sampler(chunk)
+  if dead_frames:
+    which = "frame" if len(dead_frames) == 1 else "frames"
+    verb = "is" if len(dead_frames) == 1 else "are"
+    raise nifti.ScanRejected(f"{which} {_frame_list(dead_frames)} {verb} NaN/inf in every voxel")
+  bad = sampler.touches(nonfinite) if nonfinite.any() else np.zeros(len(values), bool)
+  bad_share = float(bad.mean())
+  if bad_share > job.rules.max_nonfinite_fraction:
+    raise nifti.ScanRejected(
+        f"NaN/inf values in {100 * bad_share:.1f}% of the brain voxels (at most "
+        f"{100 * job.rules.max_nonfinite_fraction:g}% are tolerated and zeroed)")
+  with_data = sampler.covered & ~bad & np.any(values != 0, axis=1)
+  share = float(with_data.mean())
+  if share < job.rules.min_signal_fraction:
+    raise nifti.ScanRejected(
+        f"only {100 * share:.0f}% of the atlas brain has data in this scan (needs "
+        f"{100 * job.rules.min_signal_fraction:.0f}%): empty or not in MNI space")
+  return values, with_data, bad_share
+
+
+def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
+  """Writes the shard of `entry`; returns its index row."""
+  scan = nifti.open_scan(entry.path, job.rules, job.brain_world_mm, entry.tr)
+  values, with_data, bad_share = resampled_run(scan, job)
+  run = resample.resample_time(values, scan.tr, job.info.tr)
+  del values
+  z = resample.normalise(run, with_data, job.info.normalise)
+  del run
+
+  def frames():
+    box = np.zeros(job.info.crop_shape, np.float16)
+    for t in range(z.shape[1]):
+      box[job.brain_in_crop] = z[:, t]
+      yield box
+
+  row = {"scan": entry.scan, "subject": entry.subject, "site": entry.site, "label": entry.label,
+         "tr": job.info.tr, "source_frames": scan.frames, "source_tr": round(scan.tr, 6),
+         "tr_source": scan.tr_source, "brain_with_data": round(float(with_data.mean()), 4),
+         "nonfinite_voxels": round(bad_share, 6), "path": entry.path}
+  return shards.write_shard(workdir, entry.scan, frames(), row, dtype=job.info.dtype)

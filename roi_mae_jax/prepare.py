@@ -1,0 +1,233 @@
+r"""Task `prepare`: NIfTI datasets -> ArrayRecord shards that pretraining reads.
+
+    python -m roi_mae_jax.main --config=configs/prepare.py --workdir=runs/prepared \
+        --config.source=adhd200 --config.input_dir=/data/ADHD200_Athena
+    python -m roi_mae_jax.main --config=configs/pretrain_aal3.py --workdir=runs/adhd \
+        --config.data.shards=runs/prepared
+
+Writes to WORKDIR: shards/ (one ArrayRecord file per scan, one float16 frame
+per record), index.csv (one row per prepared scan), prepare_report.csv (every
+scan found: used | skipped, and the reason), dataset.json, atlas_labels.nii.gz
+and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
+AAL3 region each brain patch belongs to), prepare_summary.json, config.json.
+
+Bad scans are reported and skipped; the run fails (exit status 2) only when
+no scan is usable. Re-running the same command resumes: finished scans are
+kept, unfinished ones redone. Different settings in the same WORKDIR are
+refused unless `--config.overwrite=True`, which deletes the earlier output.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+from absl import logging
+
+from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import errors
+from roi_mae_jax import metrics
+from roi_mae_jax import outputs
+from roi_mae_jax import patches as patches_lib
+from roi_mae_jax.data import layouts
+from roi_mae_jax.data import nifti
+from roi_mae_jax.data import prepare_scan
+from roi_mae_jax.data import resample
+from roi_mae_jax.data import shards
+
+REQUIRED_KEYS = ("source", "grid.voxel_size_mm", "patches.size", "frames", "tr", "normalise")
+RESUMABLE_CHANGES = ("workers", "overwrite", "fault_kill_after_scans")
+REPORT_FILE = "prepare_report.csv"
+REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason")
+OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
+                "atlas_labels.nii.gz", shards.BRAIN_MASK_FILE, "patch_map.csv",
+                "prepare_summary.json", outputs.CONFIG_FILE)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if config.normalise not in resample.NORMALISATIONS:
+    raise errors.InputError(f"config.normalise must be one of {resample.NORMALISATIONS}, "
+                            f"got {config.normalise!r}")
+  if config.tr <= 0 or config.frames < 1:
+    raise errors.InputError(f"config.tr ({config.tr}) and config.frames ({config.frames}) "
+                            "must be positive")
+  if config.source == "manifest" and not config.manifest:
+    raise errors.InputError("source 'manifest' needs --config.manifest=CSV")
+
+
+def _clear(workdir: str) -> None:
+  """overwrite=True: removes a previous prepare's output (and nothing else)."""
+  for name in OUTPUT_NAMES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def _write_atlas_outputs(workdir: str, on_grid: atlas_lib.Atlas, patch_map, brain) -> None:
+  affine = on_grid.grid.affine
+  nib.save(nib.Nifti1Image(on_grid.labels.astype(np.int16), affine),
+           os.path.join(workdir, "atlas_labels.nii.gz"))
+  nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine),
+           os.path.join(workdir, shards.BRAIN_MASK_FILE))
+  rows = []
+  origins = patch_map.patch_origin_voxels(patch_map.brain_patches)
+  centres = on_grid.grid.world_coords(origins + (patch_map.patch_size - 1) / 2.0)
+  for token, (patch, origin, centre) in enumerate(zip(patch_map.brain_patches, origins, centres)):
+    r = int(patch_map.region[patch])
+    region = patch_map.regions[r] if r >= 0 else None
+    rows.append({"token": token, "patch": int(patch), "i": origin[0], "j": origin[1],
+                 "k": origin[2], "x_mm": round(float(centre[0]), 1),
+                 "y_mm": round(float(centre[1]), 1), "z_mm": round(float(centre[2]), 1),
+                 "brain_fraction": round(float(patch_map.brain_fraction[patch]), 3),
+                 "region_id": region.id if region else "", "region": region.name if region else "",
+                 "hemisphere": region.hemisphere if region else "",
+                 "system": region.system if region else ""})
+  shards.write_table(os.path.join(workdir, "patch_map.csv"), list(rows[0]), rows)
+
+
+# --- Running scans (in this process or in worker processes) -----------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(job: prepare_scan.ScanJob, workdir: str) -> None:
+  _WORKER.update(job=job, workdir=workdir)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, object]:
+  """('used', row) or ('skipped', reason); never raises for a bad scan."""
+  job, workdir = job or _WORKER["job"], workdir or _WORKER["workdir"]
+  try:
+    return "used", prepare_scan.prepare_scan(entry, job, workdir)
+  except nifti.ScanRejected as e:
+    return "skipped", str(e)
+  except MemoryError:
+    return "skipped", "out of memory while preparing this scan"
+  except Exception as e:  # pylint: disable=broad-except
+    # One odd file must not end a run over hundreds; the report names it.
+    return "skipped", f"unexpected error ({type(e).__name__}: {e})"
+
+
+def _results(todo, job, workdir: str, workers: int):
+  """Yields (entry, status, payload) as scans finish."""
+  if workers <= 1:
+    for entry in todo:
+      yield (entry,) + _attempt(entry, job, workdir)
+    return
+  context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                              initializer=_init_worker,
+                                              initargs=(job, workdir)) as pool:
+    futures = {pool.submit(_attempt, entry): entry for entry in todo}
+    for future in concurrent.futures.as_completed(futures):
+      yield (futures[future],) + future.result()
+
+
+def peak_rss_mib() -> dict[str, float]:
+  """Peak resident memory of this process and of its finished children."""
+  scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes vs KiB
+  return {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+          "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  _check_config(config)
+  if config.overwrite:
+    _clear(workdir)
+  outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
+
+  # --- Target grid, atlas, brain --------------------------------------------
+  on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
+  patch_map = patches_lib.patch_map_from_config(config)
+  job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
+                                    config.normalise)
+  outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
+                     dict(job.info.to_json(), atlas=on_grid.source))
+  brain = np.zeros(on_grid.grid.shape, bool)
+  brain[tuple(np.asarray(i) + s for i, s in zip(job.brain_in_crop, job.info.crop_start))] = True
+  _write_atlas_outputs(workdir, on_grid, patch_map, brain)
+  logging.info("target grid %s, %d brain voxels stored in a %s box, TR %g s, %s normalisation",
+               on_grid.grid.describe(), job.num_brain_voxels,
+               "x".join(map(str, job.info.crop_shape)), config.tr, config.normalise)
+
+  # --- Scans ----------------------------------------------------------------
+  entries, skipped = layouts.find_scans(config)
+  removed = shards.remove_unfinished(workdir)
+  if removed:
+    logging.info("removed %d unfinished shard files of an interrupted run", len(removed))
+  finished = shards.finished_rows(workdir)
+  todo = [e for e in entries if e.scan not in finished]
+  logging.info("%d scans found (%d already prepared, %d to do), %d skipped while listing",
+               len(entries), len(entries) - len(todo), len(todo), len(skipped))
+
+  report = {}
+  for e in entries:
+    if e.scan in finished:
+      reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
+      report[e.scan] = dict(_report_row(e), status="used", reason=reason)
+  used = {e.scan: finished[e.scan] for e in entries if e.scan in finished}
+  start, counts = time.time(), {"used": 0, "skipped": 0}
+  for done, (entry, status, payload) in enumerate(
+      _results(todo, job, workdir, int(config.workers)), start=1):
+    counts[status] += 1
+    if status == "used":
+      used[entry.scan] = payload
+      report[entry.scan] = dict(_report_row(entry), status="used", reason=entry.note)
+    else:
+      report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
+      logging.warning("skipped %s: %s", entry.path, payload)
+    rate = done / max(time.time() - start, 1e-9) * 60
+    logging.info("prepare %s %d/%d scans (%.0f%%) | %.1f scans/min | eta %s | %d used, "
+                 "%d skipped", metrics.progress_bar(done, len(todo)), done, len(todo),
+                 100 * done / len(todo), rate, metrics.duration((len(todo) - done) / rate * 60),
+                 counts["used"], counts["skipped"])
+    if done == config.get("fault_kill_after_scans", 0):
+      os.kill(os.getpid(), signal.SIGKILL)  # fault injection for resume tests
+  seconds = time.time() - start
+
+  # --- Index, report, summary -------------------------------------------------
+  rows = [used[k] for k in sorted(used)]
+  report_rows = [report[k] for k in sorted(report)] + [
+      {"scan": "", "subject": s.subject, "site": "", "label": "", "path": s.path,
+       "status": "skipped", "reason": s.reason} for s in skipped]
+  shards.write_table(os.path.join(workdir, REPORT_FILE), REPORT_COLUMNS, report_rows)
+  shards.write_table(os.path.join(workdir, shards.INDEX_FILE), shards.INDEX_COLUMNS, rows)
+  labels = [int(r["label"]) for r in rows]
+  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows),
+             "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
+             "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
+             "peak_rss_mib": {k: round(v, 1) for k, v in peak_rss_mib().items()},
+             "labels": {"adhd": labels.count(1), "control": labels.count(0),
+                        "unlabelled": labels.count(-1)},
+             "frames": int(sum(int(r["frames"]) for r in rows))}
+  outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
+  logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped; "
+               "report: %s", len(rows), labels.count(1), labels.count(0), labels.count(-1),
+               summary["scans_skipped"], os.path.join(workdir, REPORT_FILE))
+  if not rows:
+    raise errors.InputError(f"no usable scan among {len(report_rows)} found; the reasons are "
+                            f"in {os.path.join(workdir, REPORT_FILE)}")
+
+
+def _report_row(entry: layouts.ScanEntry) -> dict:
+  return {"scan": entry.scan, "subject": entry.subject, "site": entry.site,
+          "label": entry.label, "path": entry.path}
+
+
+def read_report(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/prepare_report.csv."""
+  with open(os.path.join(workdir, REPORT_FILE), newline="", encoding="utf-8") as f:
+    return list(csv.DictReader(f))
