@@ -36,7 +36,11 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
   config.optim.learning_rate = 2e-3
   config.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
   config.data = ml_collections.ConfigDict({
-      "shards": "",                    # empty: the synthetic data below
+      "shards": "",                    # a prepare workdir; empty: the synthetic data below
+      "windows_per_subject": 4,        # random windows of each scan per epoch
+      "read_threads": 2,
+      "prefetch": 4,                   # batches read ahead
+      "prefetch_workers": 0,           # >0: read in that many processes
       "synthetic": synthetic.synthetic_config(),
   })
   config.log_every = 10

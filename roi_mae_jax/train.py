@@ -22,6 +22,7 @@ from flax import nnx
 
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import errors
+from roi_mae_jax import grids
 from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
@@ -42,13 +43,34 @@ RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_check
 
 
 def make_source(config: ml_collections.ConfigDict, multiple_of: int):
-  """The training records: synthetic unless `data.shards` names prepared shards."""
-  if config.data.shards:
+  """The training scans: prepared shards in `data.shards`, else the synthetic data."""
+  if not config.data.shards:
+    data = synthetic.SyntheticFMRI.from_config(config, multiple_of=multiple_of)
+    return pipeline.SyntheticWindows(data, config.frames)
+  source = pipeline.ShardWindows(config.data.shards, config.frames)
+  wanted = grids.grid_from_config(config.grid, multiple_of)
+  if source.grid.key() != wanted.key():
+    shape = ",".join(map(str, source.grid.shape))
     raise errors.InputError(
-        f"data.shards={config.data.shards!r}: reading prepared shards is not available in "
-        "this version; leave data.shards empty to pretrain on the synthetic data")
-  data = synthetic.SyntheticFMRI.from_config(config, multiple_of=multiple_of)
-  return pipeline.SyntheticWindows(data, config.frames)
+        f"{config.data.shards} was prepared on grid {source.grid.describe()} but this config "
+        f"trains on {wanted.describe()}; train with --config.grid.voxel_size_mm="
+        f"{source.grid.voxel_size_mm[0]:g} --config.grid.shape=\"({shape})\" (and the same "
+        "grid.orientation and centre_mm), or prepare again on this grid")
+  if source.left_out:
+    logging.warning("%d scans are shorter than %d frames and left out, e.g. %s",
+                    len(source.left_out), config.frames, source.left_out[0])
+  logging.info("training on %d prepared scans from %s", len(source), config.data.shards)
+  return source
+
+
+def make_iterator(config: ml_collections.ConfigDict, source, local_batch: int):
+  """The checkpointable batch iterator of this process."""
+  dataset = pipeline.training_dataset(
+      source, local_batch, config.seed,
+      windows_per_subject=config.data.get("windows_per_subject", 1))
+  return pipeline.make_iterator(dataset, config.data.get("read_threads", 2),
+                                config.data.get("prefetch", 4),
+                                config.data.get("prefetch_workers", 0))
 
 
 def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
@@ -91,8 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   # --- Input --------------------------------------------------------------
   source = make_source(config, multiple_of=config.patches.size)
-  dataset = pipeline.training_dataset(source, local_batch, config.seed)
-  iterator = iter(dataset.to_iter_dataset(pipeline.read_options()))
+  iterator = make_iterator(config, source, local_batch)
 
   # --- State and checkpoints ----------------------------------------------
   setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
@@ -173,7 +194,7 @@ def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, sou
   masked_input = np.where(mask[None, :, None], np.nan, tokens)
   fig = plots.reconstruction_figure(
       windows[0], np.asarray(spec.unpatchify(masked_input))[0],
-      np.asarray(spec.unpatchify(filled))[0], source.data.brain, source.data.grid.affine,
+      np.asarray(spec.unpatchify(filled))[0], source.brain, source.grid.affine,
       point_mm=config.get("figure_point_mm", (30.0, -20.0, 8.0)))
   plots.save(fig, os.path.join(workdir, "reconstruction.png"))
   first, last = (records[0], records[-1]) if records else ({}, {})

@@ -123,6 +123,6 @@ def test_pipeline_batches_resume_and_process_split(data):
     np.testing.assert_array_equal(got["windows"], want["windows"])
   epoch = np.concatenate([first["subject"]] + [b["subject"] for b in expected[:5]])
   assert sorted(epoch) == list(range(24))  # every subject once per epoch
-  halves = [pipeline.training_dataset(source, 4, 3, i, 2) for i in range(2)]
+  halves = [pipeline.training_dataset(source, 4, 3, process_index=i, process_count=2) for i in range(2)]
   seen = [set(np.concatenate([halves[i][k]["subject"] for k in range(3)])) for i in range(2)]
   assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24

@@ -101,16 +101,21 @@ def _final_params(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", "shards"])
+def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path, data, request):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  done = _run_cli(straight, "--config.log_every=1")
+  source = []
+  if data == "shards":  # prepared ADHD-200-layout files, several windows per scan
+    source = [f"--config.data.shards={request.getfixturevalue('prepared_dir')}",
+              "--config.data.windows_per_subject=3"]
+  done = _run_cli(straight, "--config.log_every=1", *source)
   assert done.returncode == 0, done.stderr[-2000:]
   crashed = _run_cli(killed, "--config.fault_kill_after_step=3", "--config.checkpoint_every=1",
-                     "--config.log_every=1")
+                     "--config.log_every=1", *source)
   assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
   assert not (killed / "loss_curve.png").exists()
   assert checkpoint_lib.Checkpointer(str(killed / "checkpoints")).latest_step() == 3
-  resumed = _run_cli(killed, "--config.checkpoint_every=1", "--config.log_every=1")
+  resumed = _run_cli(killed, "--config.checkpoint_every=1", "--config.log_every=1", *source)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from" in resumed.stderr
   a, data_a = _final_params(straight)
@@ -204,8 +209,8 @@ def test_resume_refuses_a_workdir_of_another_run(tmp_path):
 
 def test_shards_and_bad_mesh_are_input_errors(tmp_path):
   config = load_config("pretrain_aal3", "test")
-  config.data.shards = "/nowhere/*.array_record"
-  with pytest.raises(errors.InputError, match="data.shards"):
+  config.data.shards = "/nowhere"
+  with pytest.raises(errors.InputError, match="/nowhere is not a prepared dataset"):
     main_lib.run_task(config, str(tmp_path / "a"))
   config = load_config("pretrain_aal3", "test")
   config.mesh.update(data=3, fsdp=1, tensor=1)

@@ -1,22 +1,32 @@
-"""Grain input pipelines: records -> random windows -> normalised batches.
+"""Grain input pipelines: scans -> random temporal windows -> batches.
 
-    source = SyntheticWindows(data, frames=8)
-    ds = training_dataset(source, local_batch=8, seed=0)   # a grain.MapDataset
-    it = iter(ds.to_iter_dataset(read_options()))
+    source = ShardWindows("runs/prepared", frames=8)     # or SyntheticWindows(data, 8)
+    ds = training_dataset(source, local_batch=8, seed=0, windows_per_subject=4)
+    it = make_iterator(ds, prefetch_workers=0)
     batch = next(it)            # {"windows": (8, X, Y, Z, 8), "subject": (8,), "label": (8,)}
     state = it.get_state()      # goes into the checkpoint; it.set_state(state) resumes
 
-Each process reads its own slice of the records (process i of n takes every
-n-th); the shuffle and the random windows are seeded, and reseeded every epoch,
-so a resumed run sees exactly the batches it would have seen.
+An epoch visits each of this process's scans `windows_per_subject` times in a
+seeded shuffle, each visit a random window of T frames. Process i of n reads
+every n-th scan (disjoint shares); the shuffle and the windows are reseeded
+every epoch, and all randomness is a function of (seed, position), so a
+resumed run sees exactly the batches it would have seen.
+`sharding.global_batch` turns each process's batch into global arrays.
 """
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
+from absl import flags
+import nibabel as nib
 import numpy as np
 
+from roi_mae_jax import errors
+from roi_mae_jax import grids
+from roi_mae_jax.data import shards
 from roi_mae_jax.data import synthetic
 
 
@@ -41,8 +51,13 @@ class SyntheticWindows:
   def __len__(self) -> int:
     return len(self.data.subjects)
 
-  def __getitem__(self, index: int) -> int:
-    return index
+  @property
+  def brain(self) -> np.ndarray:
+    return self.data.brain
+
+  @property
+  def grid(self) -> grids.Grid:
+    return self.data.grid
 
   def draw(self, subject: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random window of `subject`, normalised."""
@@ -53,18 +68,82 @@ class SyntheticWindows:
             "label": np.int32(self.data.subjects[subject].label)}
 
 
-def training_dataset(source: SyntheticWindows, local_batch: int, seed: int,
+class ShardWindows:
+  """Random windows from the shards of a prepared dataset (task prepare).
+
+  Data are already normalised per scan when prepared; scans shorter than the
+  window are left out (and logged by the caller through `left_out`).
+  """
+
+  def __init__(self, workdir: str, frames: int):
+    self.data = shards.PreparedDataset(workdir)
+    self.frames = frames
+    self.scans = [i for i, r in enumerate(self.data.rows) if r["frames"] >= frames]
+    self.left_out = [r["scan"] for r in self.data.rows if r["frames"] < frames]
+    if not self.scans:
+      longest = max(r["frames"] for r in self.data.rows)
+      raise errors.InputError(f"windows of {frames} frames do not fit any scan in {workdir} "
+                              f"(the longest has {longest}); lower config.frames")
+    mask = os.path.join(workdir, shards.BRAIN_MASK_FILE)
+    if not os.path.exists(mask):
+      raise errors.InputError(f"{mask} is missing: the prepare run in {workdir} did not finish")
+    self.brain = np.asarray(nib.load(mask).dataobj) > 0
+    self.grid = self.data.info.grid
+
+  def __len__(self) -> int:
+    return len(self.scans)
+
+  def row(self, index: int) -> dict:
+    return self.data.rows[self.scans[index]]
+
+  def draw(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A random window of the `index`-th usable scan."""
+    scan = self.scans[index]
+    start = int(rng.integers(0, self.data.rows[scan]["frames"] - self.frames + 1))
+    return {"windows": self.data.frames(scan, start, self.frames),
+            "subject": np.int32(index),
+            "label": np.int32(self.data.rows[scan]["label"])}
+
+
+class _DrawWindow(grain.transforms.RandomMap):
+  """A module-level transform (not a lambda) so worker processes can unpickle it."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def random_map(self, element: int, rng: np.random.Generator):
+    return self.source.draw(int(element), rng)
+
+
+def training_dataset(source, local_batch: int, seed: int, *, windows_per_subject: int = 1,
                      process_index: int | None = None,
                      process_count: int | None = None) -> grain.MapDataset:
-  """Shuffled, endlessly repeated batches of this process's share of subjects."""
+  """Shuffled, endlessly repeated batches of this process's share of scans."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
+  if windows_per_subject < 1:
+    raise errors.InputError(f"data.windows_per_subject must be >= 1, got {windows_per_subject}")
+  ds = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(ds) == 0:
+    raise errors.InputError(f"{len(source)} scans cannot be shared by {process_count} "
+                            "processes: every process needs at least one")
+  if windows_per_subject > 1:
+    ds = ds.repeat(windows_per_subject)
   ds = ds.shuffle(seed=seed)
-  ds = ds.random_map(lambda subject, rng: source.draw(subject, rng), seed=seed + 1)
+  ds = ds.random_map(_DrawWindow(source), seed=seed + 1)
   ds = ds.repeat()
   return ds.batch(local_batch, drop_remainder=True)
+
+
+def make_iterator(dataset: grain.MapDataset, read_threads: int = 2, prefetch: int = 4,
+                  prefetch_workers: int = 0):
+  """A checkpointable iterator; `prefetch_workers` > 0 reads in that many processes."""
+  iter_ds = dataset.to_iter_dataset(read_options(read_threads, prefetch))
+  if prefetch_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (notebooks, tests)
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers))
+  return iter(iter_ds)
 
 
 def read_options(num_threads: int = 2, prefetch: int = 4) -> grain.ReadOptions:
