@@ -107,22 +107,23 @@ def _init_worker(job: prepare_scan.ScanJob, workdir: str) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
 
 
-def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, object]:
-  """('used', row) or ('skipped', reason); never raises for a bad scan."""
+def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, object, float]:
+  """('used', row, peak MiB) or ('skipped', reason, peak MiB); never raises for a bad scan."""
   job, workdir = job or _WORKER["job"], workdir or _WORKER["workdir"]
   try:
-    return "used", prepare_scan.prepare_scan(entry, job, workdir)
+    status, payload = "used", prepare_scan.prepare_scan(entry, job, workdir)
   except nifti.ScanRejected as e:
-    return "skipped", str(e)
+    status, payload = "skipped", str(e)
   except MemoryError:
-    return "skipped", "out of memory while preparing this scan"
+    status, payload = "skipped", "out of memory while preparing this scan"
   except Exception as e:  # pylint: disable=broad-except
     # One odd file must not end a run over hundreds; the report names it.
-    return "skipped", f"unexpected error ({type(e).__name__}: {e})"
+    status, payload = "skipped", f"unexpected error ({type(e).__name__}: {e})"
+  return status, payload, peak_rss_mib()
 
 
 def _results(todo, job, workdir: str, workers: int):
-  """Yields (entry, status, payload) as scans finish."""
+  """Yields (entry, status, payload, peak MiB of the process that ran it) as scans finish."""
   if workers <= 1:
     for entry in todo:
       yield (entry,) + _attempt(entry, job, workdir)
@@ -136,11 +137,21 @@ def _results(todo, job, workdir: str, workers: int):
       yield (futures[future],) + future.result()
 
 
-def peak_rss_mib() -> dict[str, float]:
-  """Peak resident memory of this process and of its finished children."""
+def peak_rss_mib() -> float:
+  """Peak resident memory of this process (MiB).
+
+  Linux's VmHWM, not getrusage: a spawned worker's ru_maxrss still counts the
+  parent's pages from before its exec.
+  """
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes vs KiB
-  return {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-          "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -179,10 +190,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
       report[e.scan] = dict(_report_row(e), status="used", reason=reason)
   used = {e.scan: finished[e.scan] for e in entries if e.scan in finished}
-  start, counts = time.time(), {"used": 0, "skipped": 0}
-  for done, (entry, status, payload) in enumerate(
+  start, counts, worker_peak = time.time(), {"used": 0, "skipped": 0}, 0.0
+  for done, (entry, status, payload, peak) in enumerate(
       _results(todo, job, workdir, int(config.workers)), start=1):
     counts[status] += 1
+    worker_peak = max(worker_peak, peak)
     if status == "used":
       used[entry.scan] = payload
       report[entry.scan] = dict(_report_row(entry), status="used", reason=entry.note)
@@ -209,7 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows),
              "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
              "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
-             "peak_rss_mib": {k: round(v, 1) for k, v in peak_rss_mib().items()},
+             "peak_rss_mib": {"main": round(peak_rss_mib(), 1),
+                              "largest_worker": round(worker_peak, 1)},
              "labels": {"adhd": labels.count(1), "control": labels.count(0),
                         "unlabelled": labels.count(-1)},
              "frames": int(sum(int(r["frames"]) for r in rows))}

@@ -100,3 +100,19 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   # The analytic count (matmuls only) is close to, and below, XLA's full count.
   assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 1.0
   assert figures["tokens_brain"] < figures["tokens_box"]
+
+
+def test_bench_data_prints_throughput_and_input_wait(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  configs = os.path.join(REPO, "configs")
+  code = bench_main.main([
+      "data", "--subjects=2", "--run_frames=8", "--workers=0", "--batches=2", "--steps=1",
+      "--size=tiny", f"--prepare_config={configs}/prepare.py:test",
+      f"--train_config={configs}/pretrain_aal3.py:test", f"--json={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "subjects/min" in printed and "input wait" in printed
+  figures = json.loads(out.read_text())["data"]
+  assert figures["subjects"] == 2 and figures["subjects_per_min"] > 0
+  assert figures["pipeline_windows_per_s"] > 0 and 0 <= figures["input_wait_share"] < 1
+  assert figures["peak_rss_main_mib"] > 0

@@ -3,6 +3,7 @@
     python -m roi_mae_jax.bench masks              # mask samplers at paper scale
     python -m roi_mae_jax.bench masks --json=out.json
     python -m roi_mae_jax.bench train              # step time, tokens/s, MFU
+    python -m roi_mae_jax.bench data               # prepare and pipeline throughput
 
 Each part prints a table of figures; none of it is a pass/fail test.
 """
@@ -15,7 +16,8 @@ import json
 import sys
 
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
-PARTS = {"masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train"}
+PARTS = {"masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train",
+         "data": "roi_mae_jax.bench.data"}
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,20 @@ def analytic_flops(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_kee
   return 3.0 * batch * forward
 
 
+def build(config):
+  """(TrainSetup, TokenSpec, MaskSampler, PatchMap), data parallel over the devices
+  that divide the batch (the config's mesh is replaced)."""
+  used = max(d for d in range(1, jax.device_count() + 1)
+             if jax.device_count() % d == 0 and config.batch_size % d == 0)
+  config.mesh = sharding.mesh_config(data=used, fsdp=1, tensor=1)
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  patch_map = patches_lib.patch_map_from_config(config)
+  spec = model_lib.spec_from_config(config, patch_map)
+  sampler = masking.sampler_from_config(config, patch_map)
+  return train_step.TrainSetup.create(config, spec, sampler, mesh), spec, sampler, patch_map
+
+
 def run(args) -> dict:
   config = config_lib.load_config_file(args.config)
   config.model.size = args.size
@@ -83,16 +97,8 @@ def run(args) -> dict:
     config.mask.strategy = args.strategy
   if args.batch:
     config.batch_size = args.batch
-  # Data parallel over as many devices as divide the batch.
-  used = max(d for d in range(1, jax.device_count() + 1)
-             if jax.device_count() % d == 0 and config.batch_size % d == 0)
-  config.mesh = sharding.mesh_config(data=used, fsdp=1, tensor=1)
-  mesh = sharding.mesh_from_config(config.mesh)
-  sharding.check_batch_size(config.batch_size, mesh)
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
-  setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
+  setup, spec, sampler, patch_map = build(config)
+  mesh, used = setup.mesh, setup.mesh.size
   device = jax.devices()[0]
   print(f"device: {device.device_kind} x{used}  model {args.size} "
         f"({config.model.dtype})  grid {patch_map.atlas.grid.describe()}  patch "

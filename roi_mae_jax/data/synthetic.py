@@ -153,7 +153,7 @@ class SyntheticFMRI:
     labels = np.zeros(n, np.int64)
     rng = np.random.default_rng([self.seed, 0x5B])
     for site in SITES[:self.cfg.num_sites]:  # the same ADHD share at every site; fixed order
-      members = [i for i in range(n) if sites[i] == site]
+      members = np.array([i for i in range(n) if sites[i] == site], np.int64)
       chosen = rng.permutation(members)[:int(round(len(members) * self.cfg.adhd_fraction))]
       labels[chosen] = 1
     return tuple(Subject(i, f"{1000000 + i:07d}", sites[i], int(labels[i])) for i in range(n))
