@@ -38,7 +38,7 @@ def write_json(path: str, payload: Any) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict,
-                 may_differ: tuple[str, ...] = ()) -> str:
+                 may_differ: tuple[str, ...] = (), hint: str = "") -> str:
   """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.
 
   Keys in `may_differ` (e.g. total_steps) may change between a run and its resume.
@@ -53,6 +53,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
     if changed:
       raise errors.InputError(
           f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
-          "with the same config or choose another --workdir")
+          f"with the same config or choose another --workdir{hint}")
   write_json(path, current)
   return path

@@ -133,8 +133,14 @@ def _results(todo, job, workdir: str, workers: int):
                                               initializer=_init_worker,
                                               initargs=(job, workdir)) as pool:
     futures = {pool.submit(_attempt, entry): entry for entry in todo}
-    for future in concurrent.futures.as_completed(futures):
-      yield (futures[future],) + future.result()
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        yield (futures[future],) + future.result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+      raise errors.TrainingError(
+          f"a prepare worker died (killed by the system, often for lack of memory) while "
+          f"preparing into {workdir}; finished scans are kept: re-run the same command to "
+          "resume, with fewer --config.workers") from e
 
 
 def peak_rss_mib() -> float:
@@ -158,7 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   _check_config(config)
   if config.overwrite:
     _clear(workdir)
-  outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
+  outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES,
+                       hint=" (or pass --config.overwrite=True to replace it)")
 
   # --- Target grid, atlas, brain --------------------------------------------
   on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))

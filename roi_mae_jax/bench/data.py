@@ -9,6 +9,8 @@ waits for its batch. Target: input wait under 5% of step time.
     python -m roi_mae_jax.bench data                     # 8 subjects x 120 frames, small model
     python -m roi_mae_jax.bench data --workers=4 --subjects=32
     python -m roi_mae_jax.bench data --input_dir=/data/ADHD200_Athena --keep=runs/prepared
+    python -m roi_mae_jax.bench data --prepare_config=configs/prepare.py:paper \
+        --train_config=configs/pretrain_aal3.py:adhd200 --run_frames=176 --stop_after=pipeline
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batches", type=int, default=50, help="batches for the pipeline alone")
   parser.add_argument("--steps", type=int, default=6, help="train steps timed with real input")
   parser.add_argument("--keep", default="", help="prepare into this folder (kept)")
-  parser.add_argument("--prepare_only", action="store_true",
-                      help="stop after prepare (e.g. for --prepare_config=...:paper)")
+  parser.add_argument("--stop_after", default="train", choices=["prepare", "pipeline", "train"],
+                      help="skip the later parts (e.g. no CPU train step at paper scale)")
 
 
 def _write_synthetic(root: str, subjects: int, frames: int) -> float:
@@ -130,12 +132,14 @@ def run(args) -> dict:
             f"layout, 4 mm LAS) in {seconds:.1f} s")
     workdir = args.keep or os.path.join(tmp, "prepared")
     figures.update(_prepare(args, input_dir, workdir))
-    if args.prepare_only:
+    if args.stop_after == "prepare":
       return figures
     config = config_lib.load_config_file(args.train_config)
     config.data.shards, config.model.size, config.batch_size = workdir, args.size, args.batch
     alone, ds = _pipeline_alone(config, workdir, args.batches)
     figures.update(alone)
+    if args.stop_after == "pipeline":
+      return figures
     figures.update(_train_with_input(config, ds, args.steps))
   figures["pipeline_over_consumption"] = (figures["pipeline_windows_per_s"] /
                                           figures["windows_per_s_consumed"])
