@@ -145,6 +145,22 @@ def reconstruction_figure(window: np.ndarray, masked: np.ndarray, reconstruction
   return fig
 
 
+def prepared_scan_figure(frame: np.ndarray, on_grid: atlas_lib.Atlas, brain: np.ndarray,
+                         point_mm: Sequence[float], title: str) -> plt.Figure:
+  """One prepared frame in grey, then with the atlas over it: checks the alignment."""
+  limits = tuple(np.percentile(frame[brain], [1, 99]))
+  grey = _grey_rgb(frame, brain, limits)
+  colours = _atlas_rgb(on_grid, region_colours(on_grid.num_regions))
+  labelled = (on_grid.labels > 0)[..., None]
+  overlay = np.where(labelled, 0.55 * grey + 0.45 * colours, grey)
+  fig, axes = plt.subplots(2, 3, figsize=(8, 5.2))
+  affine = on_grid.grid.affine
+  orthogonal_slices(axes[0], grey, affine, point_mm, titles=(title, "", ""))
+  orthogonal_slices(axes[1], overlay, affine, point_mm, titles=("with AAL3", "", ""))
+  fig.tight_layout()
+  return fig
+
+
 def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
   """Masked-token loss (log scale) and learning rate against step."""
   steps = [r["step"] for r in records]

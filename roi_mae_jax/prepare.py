@@ -9,7 +9,8 @@ Writes to WORKDIR: shards/ (one ArrayRecord file per scan, one float16 frame
 per record), index.csv (one row per prepared scan), prepare_report.csv (every
 scan found: used | skipped, and the reason), dataset.json, atlas_labels.nii.gz
 and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
-AAL3 region each brain patch belongs to), prepare_summary.json, config.json.
+AAL3 region each brain patch belongs to), prepared_example.png (the first
+scan with the atlas over it), prepare_summary.json, config.json.
 
 Bad scans are reported and skipped; the run fails (exit status 2) only when
 no scan is usable. Re-running the same command resumes: finished scans are
@@ -39,6 +40,7 @@ from roi_mae_jax import errors
 from roi_mae_jax import metrics
 from roi_mae_jax import outputs
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import plots
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
@@ -48,10 +50,11 @@ from roi_mae_jax.data import shards
 REQUIRED_KEYS = ("source", "grid.voxel_size_mm", "patches.size", "frames", "tr", "normalise")
 RESUMABLE_CHANGES = ("workers", "overwrite", "fault_kill_after_scans")
 REPORT_FILE = "prepare_report.csv"
+EXAMPLE_FIGURE = "prepared_example.png"
 REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason")
 OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
                 "atlas_labels.nii.gz", shards.BRAIN_MASK_FILE, "patch_map.csv",
-                "prepare_summary.json", outputs.CONFIG_FILE)
+                "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -240,6 +243,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not rows:
     raise errors.InputError(f"no usable scan among {len(report_rows)} found; the reasons are "
                             f"in {os.path.join(workdir, REPORT_FILE)}")
+  first = shards.PreparedDataset(workdir)
+  fig = plots.prepared_scan_figure(first.frames(0, 0, 1)[..., 0], on_grid, brain,
+                                   config.get("figure_point_mm", (30.0, -20.0, 8.0)),
+                                   title=f"{first.rows[0]['scan']}, frame 0")
+  plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
 
 
 def _report_row(entry: layouts.ScanEntry) -> dict:

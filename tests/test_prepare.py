@@ -52,6 +52,7 @@ def test_prepared_athena_files_keep_left_and_right(athena_dir, prepared_dir):
     patch_rows = list(csv.DictReader(f))
   assert patch_rows and all(r["region"] for r in patch_rows)
   assert {r["hemisphere"] for r in patch_rows} >= {"L", "R"}
+  assert (prepared_dir / prepare.EXAMPLE_FIGURE).stat().st_size > 10_000
 
 
 def _write(path, volume, affine, tr=2.0):
