@@ -161,6 +161,25 @@ def prepared_scan_figure(frame: np.ndarray, on_grid: atlas_lib.Atlas, brain: np.
   return fig
 
 
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> plt.Figure:
+  """ROC curves of out-of-fold probabilities: name -> (labels, probabilities)."""
+  from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(4.6, 4.4))
+  for name, (labels, probs) in curves.items():
+    if len(np.unique(labels)) < 2:
+      continue
+    fpr, tpr, _ = sk_metrics.roc_curve(labels, probs)
+    auc = sk_metrics.roc_auc_score(labels, probs)
+    ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.2f})")
+  ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=0.8, label="chance")
+  ax.set_xlabel("false positive rate (1 - specificity)")
+  ax.set_ylabel("true positive rate (sensitivity)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return fig
+
+
 def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
   """Masked-token loss (log scale) and learning rate against step."""
   steps = [r["step"] for r in records]

@@ -59,6 +59,17 @@ class SyntheticWindows:
   def grid(self) -> grids.Grid:
     return self.data.grid
 
+  def num_frames(self, index: int) -> int:
+    return self.data.run_frames
+
+  def window_at(self, index: int, start: int) -> np.ndarray:
+    """The normalised window of subject `index` from frame `start`."""
+    return normalise(self.data.window(index, start, self.frames), self.data.brain)
+
+  def info(self, index: int) -> dict:
+    s = self.data.subjects[index]
+    return {"subject": s.subject_id, "site": s.site.name, "label": s.label}
+
   def draw(self, subject: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random window of `subject`, normalised."""
     start = int(rng.integers(0, self.data.run_frames - self.frames + 1))
@@ -95,6 +106,16 @@ class ShardWindows:
 
   def row(self, index: int) -> dict:
     return self.data.rows[self.scans[index]]
+
+  def num_frames(self, index: int) -> int:
+    return self.row(index)["frames"]
+
+  def window_at(self, index: int, start: int) -> np.ndarray:
+    return self.data.frames(self.scans[index], start, self.frames)
+
+  def info(self, index: int) -> dict:
+    row = self.row(index)
+    return {"subject": row["subject"], "site": row["site"], "label": row["label"]}
 
   def draw(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random window of the `index`-th usable scan."""

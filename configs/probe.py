@@ -1,0 +1,42 @@
+r"""Linear probe (ADHD vs control) on a pretrained encoder.
+
+    python -m roi_mae_jax.main --config=configs/probe.py --workdir=runs/probe \
+        --config.checkpoint=runs/demo
+    python -m roi_mae_jax.main --config=configs/probe.py --workdir=runs/probe_adhd200 \
+        --config.checkpoint=runs/pretrain_adhd200 --config.data.shards=runs/adhd200_4mm
+
+`checkpoint` is a pretraining workdir (its newest checkpoint unless
+`checkpoint_step` is set); empty `data.shards` probes the pretraining run's
+synthetic subjects.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "probe"
+  config.seed = 0
+  config.checkpoint = ""            # a pretraining workdir
+  config.checkpoint_step = 0        # 0: the newest
+  config.data = ml_collections.ConfigDict({
+      "shards": "",                 # a prepare workdir; empty: synthetic subjects
+      "synthetic_subjects": 0,      # 0: as many as pretraining generated
+  })
+  config.pool = "mean"              # mean | region (| cls, when the encoder has one)
+  config.schemes = "kfold,loso"
+  config.folds = 5
+  config.repeats = 3                # k-fold repeated over seeds 0..repeats-1
+  config.inner_folds = 3            # to choose C
+  config.jax_probe = True           # also the JAX probe on the same splits
+  config.batch_size = 8             # windows per encoder call
+  config.max_windows = 0            # windows per scan (0: all non-overlapping)
+  config.overwrite = False
+  if arg == "test":  # seconds on a CPU, on a pretrain_aal3.py:test checkpoint
+    config.folds = 3
+    config.repeats = 1
+    config.pool = "region"
+    config.data.synthetic_subjects = 48
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")
+  return config
