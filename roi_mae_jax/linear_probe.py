@@ -63,9 +63,9 @@ def _inner_folds(y: np.ndarray, inner_folds: int) -> int:
   return max(2, min(inner_folds, int(np.bincount(y, minlength=2).min())))
 
 
-def sklearn_probe(x_train, y_train, x_test, inner_folds: int = 3, cs: Sequence[float] = CS,
-                  seed: int = 0) -> tuple[np.ndarray, float]:
-  """(test probabilities of class 1, chosen C)."""
+def fit_sklearn(x_train, y_train, inner_folds: int = 3, cs: Sequence[float] = CS,
+                seed: int = 0):
+  """(fitted StandardScaler + LogisticRegressionCV pipeline, chosen C)."""
   cv = model_selection.StratifiedKFold(_inner_folds(y_train, inner_folds), shuffle=True,
                                        random_state=seed)
   model = sk_pipeline.make_pipeline(
@@ -76,7 +76,13 @@ def sklearn_probe(x_train, y_train, x_test, inner_folds: int = 3, cs: Sequence[f
     warnings.simplefilter("ignore", sk_exceptions.ConvergenceWarning)
     warnings.simplefilter("ignore", FutureWarning)
     model.fit(x_train, y_train)
-  c = float(np.ravel(model[-1].C_)[0])
+  return model, float(np.ravel(model[-1].C_)[0])
+
+
+def sklearn_probe(x_train, y_train, x_test, inner_folds: int = 3, cs: Sequence[float] = CS,
+                  seed: int = 0) -> tuple[np.ndarray, float]:
+  """(test probabilities of class 1, chosen C)."""
+  model, c = fit_sklearn(x_train, y_train, inner_folds, cs, seed)
   return model.predict_proba(x_test)[:, 1], c
 
 

@@ -28,6 +28,7 @@ from roi_mae_jax import errors
 # Task name -> module; imported only when chosen, so the CLI starts fast.
 TASKS = {
     "prepare": "roi_mae_jax.prepare",
+    "attribute": "roi_mae_jax.attribution",
     "probe": "roi_mae_jax.probe",
     "pretrain": "roi_mae_jax.train",
     "show_masks": "roi_mae_jax.show_masks",

@@ -11,7 +11,7 @@ with parameters sharded along 'embed') and `tensor` (heads and MLP split).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import ml_collections

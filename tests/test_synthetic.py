@@ -1,7 +1,6 @@
 """The synthetic resting-state generator, its NIfTI writer, and the Grain pipeline."""
 
 import csv
-import os
 
 import nibabel as nib
 import numpy as np

@@ -5,7 +5,9 @@ control. Regions are grouped into networks by AAL3 system; each network has a
 band-passed (0.01-0.1 Hz at the site's TR) time course, and each region follows
 its network with loading `coupling` plus its own band-passed fluctuation. In
 ADHD subjects the `effect_regions` are decoupled from their network and their
-amplitude changes: the planted effect a probe should find. Voxels carry
+amplitude changes (and, with `effect_level_percent`, their baseline shifts,
+an effect a linear read-out sees directly): the planted effect a probe should
+find. Voxels carry
 baseline x (1 + signal + spatially smooth noise), where the baseline is a
 shared anatomy (a level per region, darker unlabelled white matter) scaled
 by the site's intensity; outside the brain is 0.
@@ -77,6 +79,7 @@ def synthetic_config() -> ml_collections.ConfigDict:
       "effect_regions": "limbic,cerebellum",  # systems or region-name patterns
       "effect_decoupling": 0.7,   # ADHD loading = coupling * (1 - this)
       "effect_amplitude": 1.6,    # ADHD amplitude factor in effect regions
+      "effect_level_percent": 0.0,  # ADHD baseline shift in effect regions (% of baseline)
   })
 
 
@@ -195,7 +198,11 @@ class SyntheticFMRI:
       field = ndimage.gaussian_filter(rng.standard_normal(self.grid.shape, np.float32), sigma)
       noise[..., t] = field
     noise *= s.site.noise_percent / self.noise_std
-    volume = s.site.intensity * self.tissue[..., None] * (1 + (signal + noise) / 100)
+    tissue = self.tissue
+    if s.label == 1 and self.cfg.get("effect_level_percent", 0.0):
+      in_effect = (self.voxel_region >= 0) & self.effect[np.maximum(self.voxel_region, 0)]
+      tissue = tissue * (1 + in_effect * self.cfg.effect_level_percent / 100)
+    volume = s.site.intensity * tissue[..., None] * (1 + (signal + noise) / 100)
     return np.where(self.brain[..., None], volume, 0).astype(np.float32)
 
   def run(self, subject: int) -> np.ndarray:

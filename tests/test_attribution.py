@@ -1,0 +1,92 @@
+"""Integrated gradients: exact on linear models, complete on the MAE classifier, and the
+attribute task finds the regions where the synthetic effect was planted."""
+
+import csv
+import json
+
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import load_config
+from roi_mae_jax import classifier
+from roi_mae_jax import errors
+from roi_mae_jax import integrated_gradients as ig
+from roi_mae_jax import main as main_lib
+from roi_mae_jax import pretrained as pretrained_lib
+
+
+def test_ig_of_a_linear_model_is_input_times_weight():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((4, 5, 6, 3)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 4, 5, 6, 3)), jnp.float32)
+  x0 = jnp.asarray(rng.standard_normal((2, 4, 5, 6, 3)), jnp.float32)
+  fn = lambda v: jnp.einsum("bxyzt,xyzt->b", v, w) - 0.3
+  attr, delta = ig.integrated_gradients(fn, x, x0, steps=7, chunk=3)  # 3 chunks, 2 padded
+  np.testing.assert_allclose(attr, (x - x0) * w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(delta, fn(x) - fn(x0), rtol=1e-6)
+  assert ig.completeness_error(attr, delta).max() < 1e-4
+
+
+def test_ig_is_complete_on_the_mae_classifier(pretrained_dir):
+  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
+  rng = np.random.default_rng(1)
+  features = len(pre.pooled_regions) * pre.features(
+      np.zeros((1,) + pre.spec.window_shape, np.float32), "region").shape[1] // len(
+          pre.pooled_regions)
+  head = classifier.LinearHead(np.zeros(features, np.float32), np.ones(features, np.float32),
+                               rng.standard_normal(features).astype(np.float32), 0.1,
+                               "region", 1.0)
+  window = jnp.asarray(rng.standard_normal((1,) + pre.spec.window_shape), jnp.float32)
+  attr, delta = ig.integrated_gradients(classifier.window_logit(pre, head), window,
+                                        steps=32, chunk=8)
+  assert abs(float(delta[0])) > 1e-3
+  assert ig.completeness_error(attr, delta)[0] < 0.01
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+  """`:test` pretraining for 100 steps on 48 subjects with a 3% level effect added."""
+  config = load_config("pretrain_aal3", "test")
+  config.update(total_steps=100, log_every=50, checkpoint_every=100)
+  config.data.synthetic.update(num_subjects=48, effect_level_percent=3.0)
+  workdir = tmp_path_factory.mktemp("trained")
+  main_lib.run_task(config, str(workdir))
+  return workdir
+
+
+@pytest.mark.slow
+def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
+  config = load_config("attribute", "test")
+  config.checkpoint = str(trained_dir)
+  main_lib.run_task(config, str(tmp_path))
+  with open(tmp_path / "attribution_regions.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  ranked = [r for r in rows if r["rank"]]
+  planted = [r["system"] in ("limbic", "cerebellum") for r in ranked]  # the synthetic default
+  decile = max(1, len(ranked) // 10)
+  assert np.mean(planted[:decile]) >= 0.75 > 2 * np.mean(planted), [
+      r["name"] for r in ranked[:decile]]
+  assert [int(r["rank"]) for r in ranked] == list(range(1, len(ranked) + 1))
+  assert all(int(r["voxels"]) < config.min_region_voxels for r in rows if not r["rank"])
+  summary = json.loads((tmp_path / "attribution_summary.json").read_text())
+  assert summary["completeness"]["max_over_mean_delta"] < 0.01 and summary["subjects"] == 48
+  assert summary["completeness"]["relative_median"] < 0.01
+  image = nib.load(tmp_path / "attribution_map.nii.gz")
+  pre = pretrained_lib.load_pretrained(str(trained_dir))
+  assert image.shape == pre.patch_map.atlas.grid.shape + (3,)
+  np.testing.assert_allclose(image.affine, pre.patch_map.atlas.grid.affine)
+  with open(tmp_path / "attribution_groups.csv", newline="") as f:
+    groups = {(r["level"], r["name"]) for r in csv.DictReader(f)}
+  assert {("hemisphere", "L"), ("hemisphere", "R"), ("system", "limbic")} <= groups
+  assert (tmp_path / "attribution.png").stat().st_size > 10_000
+  head = classifier.LinearHead.load(str(tmp_path / "classifier_head.npz"))
+  assert head.pool == "region" and head.weight.shape == head.mean.shape
+
+
+def test_bad_baseline_is_refused_before_work(tmp_path):
+  config = load_config("attribute", "test")
+  config.update(checkpoint="/nowhere", baseline="noise")
+  with pytest.raises(errors.InputError, match="baseline must be one of"):
+    main_lib.run_task(config, str(tmp_path))
