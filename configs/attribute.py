@@ -27,6 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.ig_steps = 32              # points on the path (midpoint rule)
   config.ig_chunk = 8               # points per backward pass: bounds memory
   config.max_windows = 2            # windows per scan explained (0: all)
+  config.reconstruction_windows = 8  # reconstruction by region over this many scans (0: off)
   config.min_region_voxels = 10     # smaller regions are listed but not ranked
   config.batch_size = 8             # windows per encoder call for the head's features
   config.overwrite = False

@@ -19,6 +19,10 @@ then over subjects per class. Writes to WORKDIR:
   attribution.png           the top-20 regions and slices of the |IG| map
   attribution_summary.json  completeness (sum of IG vs logit difference), counts, top regions
   classifier_head.npz       the linear head that was explained
+  reconstruction_by_region.csv / .png
+                            each region masked alone: the autoencoder's error there, best
+                            first (the first window of `reconstruction_windows` scans;
+                            0 skips it)
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probe
+from roi_mae_jax import region_reconstruction
 from roi_mae_jax.data import shards
 
 REQUIRED_KEYS = ("checkpoint", "pool", "ig_steps", "ig_chunk", "baseline")
 OUTPUT_NAMES = ("attribution_regions.csv", "attribution_groups.csv", "attribution_map.nii.gz",
-                "attribution.png", "attribution_summary.json", "classifier_head.npz")
+                "attribution.png", "attribution_summary.json", "classifier_head.npz",
+                "reconstruction_by_region.csv", "reconstruction_by_region.png")
 BASELINES = ("zeros", "temporal_mean")
 MAPS = ("abs_all", "signed_adhd", "signed_control", "abs_adhd", "abs_control")
 
@@ -137,6 +143,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
   return out
 
 
+def write_reconstruction_by_region(pre, source, count: int, paths: dict) -> None:
+  windows = np.stack([source.window_at(i, 0) for i in range(min(count, len(source)))])
+  rows = region_reconstruction.reconstruction_by_region(pre, windows)
+  shards.write_table(paths["reconstruction_by_region.csv"],
+                     ("rank", "id", "name", "hemisphere", "system", "tokens", "mse", "power",
+                      "r2"), rows)
+  plots.save(plots.reconstruction_by_region_figure(rows), paths["reconstruction_by_region.png"])
+  logging.info("reconstruction by region over %d windows: best %s (MSE %.3f), worst %s "
+               "(MSE %.3f)", len(windows), rows[0]["name"], rows[0]["mse"], rows[-1]["name"],
+               rows[-1]["mse"])
+
+
 def completeness_summary(pairs: list[tuple[float, float]]) -> dict:
   """How far sum(IG) is from f(x) - f(baseline), per window and against the typical size.
 
@@ -197,6 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       "top_regions": [r["name"] for r in rows[:10] if r["rank"]],
       "checkpoint_step": pre.step}
   outputs.write_json(paths["attribution_summary.json"], summary)
+  if config.reconstruction_windows:
+    write_reconstruction_by_region(pre, source, int(config.reconstruction_windows), paths)
   logging.info("completeness error: median %.4f of each window's logit difference, max %.4f "
                "of the mean difference; top regions: %s",
                summary["completeness"]["relative_median"],

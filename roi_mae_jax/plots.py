@@ -205,6 +205,25 @@ def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: n
   return fig
 
 
+def reconstruction_by_region_figure(rows: Sequence[Mapping], show: int = 15) -> plt.Figure:
+  """Best and worst reconstructed regions (MSE when masked alone) and the system means."""
+  fig, axes = plt.subplots(1, 3, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1, 0.9]})
+  for ax, part, title in ((axes[0], rows[:show], "best reconstructed"),
+                          (axes[1], rows[-show:], "worst reconstructed")):
+    ax.barh([r["name"] for r in part][::-1], [r["mse"] for r in part][::-1], color="C0")
+    ax.set_title(f"{title} ({len(part)} of {len(rows)})", fontsize=9)
+    ax.set_xlabel("MSE on the region's tokens, region masked alone", fontsize=7)
+    ax.tick_params(labelsize=7)
+  systems = sorted({r["system"] for r in rows})
+  means = [np.mean([r["mse"] for r in rows if r["system"] == s]) for s in systems]
+  order = np.argsort(means)[::-1]
+  axes[2].barh([systems[i] for i in order], [means[i] for i in order], color="0.4")
+  axes[2].set_title("mean MSE per system", fontsize=9)
+  axes[2].tick_params(labelsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
   """Masked-token loss (log scale) and learning rate against step."""
   steps = [r["step"] for r in records]

@@ -81,6 +81,11 @@ def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
     groups = {(r["level"], r["name"]) for r in csv.DictReader(f)}
   assert {("hemisphere", "L"), ("hemisphere", "R"), ("system", "limbic")} <= groups
   assert (tmp_path / "attribution.png").stat().st_size > 10_000
+  with open(tmp_path / "reconstruction_by_region.csv", newline="") as f:
+    recon = list(csv.DictReader(f))
+  assert len(recon) == len(pre.pooled_regions)
+  assert float(recon[0]["mse"]) <= float(recon[-1]["mse"])
+  assert (tmp_path / "reconstruction_by_region.png").stat().st_size > 10_000
   head = classifier.LinearHead.load(str(tmp_path / "classifier_head.npz"))
   assert head.pool == "region" and head.weight.shape == head.mean.shape
 
@@ -90,3 +95,25 @@ def test_bad_baseline_is_refused_before_work(tmp_path):
   config.update(checkpoint="/nowhere", baseline="noise")
   with pytest.raises(errors.InputError, match="baseline must be one of"):
     main_lib.run_task(config, str(tmp_path))
+
+
+def test_reconstruction_by_region_equals_dropping_the_region(pretrained_dir):
+  """Hiding a region through `keep_valid` scores exactly like an MAE mask of that region."""
+  from roi_mae_jax import masking
+  from roi_mae_jax import region_reconstruction
+  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
+  window = np.random.default_rng(2).standard_normal((1,) + pre.spec.window_shape)
+  window = window.astype(np.float32)
+  rows = region_reconstruction.reconstruction_by_region(pre, window, chunk=8)
+  assert len(rows) == len(pre.pooled_regions)
+  assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+  assert all(r["mse"] >= 0 and r["r2"] <= 1 for r in rows)
+  region_ids = [r.id for r in pre.patch_map.regions]
+  for row in (rows[0], rows[-1]):
+    index = region_ids.index(row["id"])
+    hidden = np.tile(pre.spec.patch_region, pre.spec.num_time) == index
+    keep, drop = np.flatnonzero(~hidden), np.flatnonzero(hidden)
+    restore = np.argsort(np.concatenate([keep, drop]))
+    sample = masking.MaskSample(*(jnp.asarray(a)[None] for a in (keep, drop, restore, hidden)))
+    loss = float(pre.model()(jnp.asarray(window), sample)["loss"])
+    assert row["mse"] == pytest.approx(loss, rel=1e-4), row["name"]

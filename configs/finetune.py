@@ -1,0 +1,39 @@
+r"""Fine-tune the pretrained encoder with a linear head (ADHD vs control).
+
+    python -m roi_mae_jax.main --config=configs/finetune.py --workdir=runs/finetune \
+        --config.checkpoint=runs/demo --config.mode=full
+
+Same splits and metrics as configs/probe.py; `mode=frozen` trains the head only.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "finetune"
+  config.seed = 0
+  config.checkpoint = ""            # a pretraining workdir
+  config.checkpoint_step = 0        # 0: the newest
+  config.data = ml_collections.ConfigDict({
+      "shards": "",                 # a prepare workdir; empty: synthetic subjects
+      "synthetic_subjects": 0,      # 0: as many as pretraining generated
+  })
+  config.mode = "full"              # full | frozen (head only)
+  config.pool = "mean"              # mean | region
+  config.steps = 60                 # per split
+  config.batch_size = 8             # windows per step
+  config.learning_rate = 1e-3       # the head's
+  config.encoder_lr_scale = 0.1     # encoder learning rate = this x learning_rate
+  config.weight_decay = 1e-4
+  config.schemes = "kfold,loso"
+  config.folds = 5
+  config.repeats = 1
+  config.overwrite = False
+  if arg == "test":
+    config.folds = 3
+    config.steps = 6
+    config.data.synthetic_subjects = 24
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")
+  return config

@@ -1,0 +1,168 @@
+r"""Task `finetune`: encoder + linear head trained with optax, on the probe's splits.
+
+    python -m roi_mae_jax.main --config=configs/finetune.py --workdir=runs/finetune \
+        --config.checkpoint=runs/demo --config.mode=full
+
+For every split (subject-disjoint k-fold and leave-one-site-out, as in the
+probe) the head starts from the probe's logistic regression on the training
+subjects and is trained on random windows of them (binary cross-entropy);
+`mode=frozen` trains the head only, `mode=full` the encoder too (at
+`encoder_lr_scale` x the head's learning rate). Test subjects are scored by
+the mean logit over all their windows. A last model is trained on every
+labelled subject and checkpointed with Orbax in WORKDIR/classifier/. Writes
+finetune_results.json (scheme -> metric -> mean, std), finetune_table.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import classifier
+from roi_mae_jax import embeddings
+from roi_mae_jax import errors
+from roi_mae_jax import linear_probe
+from roi_mae_jax import outputs
+from roi_mae_jax import pretrained as pretrained_lib
+from roi_mae_jax import probe
+
+REQUIRED_KEYS = ("checkpoint", "mode", "steps", "learning_rate", "pool", "folds")
+OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier")
+MODES = ("frozen", "full")
+
+
+class Trainer:
+  """The jitted train step and scorer of one (pretrained encoder, config)."""
+
+  def __init__(self, pre: pretrained_lib.Pretrained, config: ml_collections.ConfigDict):
+    self.pre, self.pool, self.mode = pre, config.pool, config.mode
+    head_tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    encoder_tx = (optax.adamw(config.learning_rate * config.encoder_lr_scale,
+                              weight_decay=config.weight_decay)
+                  if config.mode == "full" else optax.set_to_zero())
+    # The feature standardisation ("norm") stays as the probe fitted it.
+    self.tx = optax.multi_transform(
+        {"head": head_tx, "encoder": encoder_tx, "norm": optax.set_to_zero()},
+        {"head": "head", "encoder": "encoder", "norm": "norm"})
+
+  def init(self, head: classifier.LinearHead) -> dict:
+    params = {"encoder": jax.tree.map(jnp.copy, self.pre.params),  # the step donates it
+              "head": {"weight": jnp.asarray(head.weight),
+                       "bias": jnp.asarray(head.bias, jnp.float32)},
+              "norm": {"mean": jnp.asarray(head.mean), "scale": jnp.asarray(head.scale)}}
+    return {"params": params, "opt_state": self.tx.init(params)}
+
+  def logits(self, params, windows):
+    features = self.pre.pool(self.pre.encode(params["encoder"], windows), self.pool)
+    z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
+    return z @ params["head"]["weight"] + params["head"]["bias"]
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+  def step(self, state, windows, labels):
+    def loss_fn(params):
+      if self.mode == "frozen":  # no backward pass through the encoder
+        params = dict(params, encoder=jax.lax.stop_gradient(params["encoder"]))
+      return optax.sigmoid_binary_cross_entropy(self.logits(params, windows), labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, loss
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def score(self, params, windows):
+    return self.logits(params, windows)
+
+
+def _windows_by_subject(source, subjects: set[str]) -> dict[str, list[tuple[int, int]]]:
+  out: dict[str, list[tuple[int, int]]] = {}
+  for i in range(len(source)):
+    subject = str(source.info(i)["subject"])
+    if subject in subjects:
+      out.setdefault(subject, []).extend(
+          (i, s) for s in embeddings.window_starts(source.num_frames(i), source.frames))
+  return out
+
+
+def train_one(trainer: Trainer, config, source, feats, train_rows, seed: int):
+  """Trains on the subjects of `train_rows`; returns the params."""
+  head = classifier.fit_linear_head(feats.features[train_rows], feats.labels[train_rows],
+                                    config.pool, seed=seed)
+  state = trainer.init(head)
+  subjects = [feats.subjects[r] for r in train_rows]
+  labels = dict(zip(subjects, feats.labels[train_rows].tolist()))
+  windows = _windows_by_subject(source, set(subjects))
+  rng = np.random.default_rng(seed)
+  for step in range(int(config.steps)):
+    picks = rng.choice(len(subjects), int(config.batch_size))
+    batch, y = [], []
+    for p in picks:
+      scan, start = windows[subjects[p]][rng.integers(len(windows[subjects[p]]))]
+      batch.append(source.window_at(scan, start))
+      y.append(labels[subjects[p]])
+    state, loss = trainer.step(state, jnp.asarray(np.stack(batch)),
+                               jnp.asarray(y, jnp.float32))
+    if (step + 1) % max(1, int(config.steps) // 4) == 0:
+      logging.info("finetune step %d/%d: loss %.4f", step + 1, config.steps, float(loss))
+  return state["params"]
+
+
+def subject_probabilities(trainer: Trainer, params, source, subjects: list[str],
+                          batch_size: int) -> np.ndarray:
+  """Mean logit over every window of each subject -> probability of ADHD."""
+  windows = _windows_by_subject(source, set(subjects))
+  probs = []
+  for subject in subjects:
+    logits = []
+    items = windows[subject]
+    for first in range(0, len(items), batch_size):
+      chunk = np.stack([source.window_at(i, s) for i, s in items[first:first + batch_size]])
+      logits.append(np.asarray(trainer.score(params, jnp.asarray(chunk))))
+    probs.append(1 / (1 + np.exp(-np.concatenate(logits).mean())))
+  return np.array(probs)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if config.mode not in MODES:
+    raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+  paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
+  pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
+  source = probe.data_source(pre, config.data)
+  feats = embeddings.subject_features(pre, source, config.pool, labelled_only=True,
+                                      batch_size=int(config.batch_size))
+  splits = probe.make_splits(config, feats)
+  trainer = Trainer(pre, config)
+  per_split = {}
+  for n, split in enumerate(splits, start=1):
+    params = train_one(trainer, config, source, feats, split.train, int(config.seed) + n)
+    test_subjects = [feats.subjects[r] for r in split.test]
+    probs = subject_probabilities(trainer, params, source, test_subjects,
+                                  int(config.batch_size))
+    metrics = linear_probe.binary_metrics(feats.labels[split.test], probs)
+    per_split.setdefault(split.scheme, []).append(dict(metrics, split=split.name))
+    logging.info("finetune split %d/%d (%s %s): AUC %.3f", n, len(splits), split.scheme,
+                 split.name, metrics["roc_auc"])
+  results = {scheme: linear_probe.summarise(v) for scheme, v in per_split.items()}
+  results["splits"] = per_split
+  results["meta"] = {"checkpoint": os.path.abspath(config.checkpoint), "mode": config.mode,
+                     "steps": int(config.steps), "pool": config.pool,
+                     "subjects": len(feats.subjects)}
+  outputs.write_json(paths["finetune_results.json"], results)
+  with open(paths["finetune_table.md"], "w", encoding="utf-8") as f:
+    f.write(f"Fine-tuning ({config.mode}, {config.steps} steps), ADHD vs control: "
+            f"{len(feats.subjects)} subjects\n\n" + probe.markdown_table(results))
+  final = train_one(trainer, config, source, feats, np.arange(len(feats.subjects)),
+                    int(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(paths["classifier"], keep=1, async_save=False)
+  ckpt.save(int(config.steps), {"params": final})
+  ckpt.close()
+  logging.info("finetune results:\n%s\nclassifier saved in %s", probe.markdown_table(results),
+               paths["classifier"])

@@ -1,0 +1,44 @@
+"""Fine-tuning: frozen keeps the encoder, full changes it; splits, metrics, checkpoint."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import errors
+from roi_mae_jax import main as main_lib
+from roi_mae_jax import pretrained as pretrained_lib
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
+  config = load_config("finetune", "test")
+  config.update(checkpoint=str(pretrained_dir), mode=mode, schemes="kfold")
+  main_lib.run_task(config, str(tmp_path))
+  results = json.loads((tmp_path / "finetune_results.json").read_text())
+  assert results["kfold"]["roc_auc"]["n"] == 3 and results["meta"]["subjects"] == 24
+  assert "| kfold | sklearn |" in (tmp_path / "finetune_table.md").read_text()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "classifier"), async_save=False)
+  assert ckpt.latest_step() == config.steps
+  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
+  abstract = {"params": {
+      "encoder": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pre.params),
+      "head": {"weight": jax.ShapeDtypeStruct((64,), np.float32),
+               "bias": jax.ShapeDtypeStruct((), np.float32)},
+      "norm": {"mean": jax.ShapeDtypeStruct((64,), np.float32),
+               "scale": jax.ShapeDtypeStruct((64,), np.float32)}}}
+  state, _ = ckpt.restore(abstract)
+  ckpt.close()
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(pre.params)))
+  assert (moved == 0.0) == (mode == "frozen"), moved
+
+
+def test_bad_mode_is_an_input_error(tmp_path):
+  config = load_config("finetune", "test")
+  config.update(mode="partial", checkpoint="/nowhere")
+  with pytest.raises(errors.InputError, match="mode must be one of"):
+    main_lib.run_task(config, str(tmp_path))
