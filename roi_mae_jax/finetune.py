@@ -4,8 +4,9 @@ r"""Task `finetune`: encoder + linear head trained with optax, on the probe's sp
         --config.checkpoint=runs/demo --config.mode=full
 
 For every split (subject-disjoint k-fold and leave-one-site-out, as in the
-probe) the head starts from the probe's logistic regression on the training
-subjects and is trained on random windows of them (binary cross-entropy);
+probe) a linear head on pooled features, standardised by window-level
+statistics and started at the class prior, is trained on random windows of
+the training subjects (binary cross-entropy);
 `mode=frozen` trains the head only, `mode=full` the encoder too (at
 `encoder_lr_scale` x the head's learning rate). Test subjects are scored by
 the mean logit over all their windows. A last model is trained on every
@@ -92,26 +93,49 @@ def _windows_by_subject(source, subjects: set[str]) -> dict[str, list[tuple[int,
   return out
 
 
+def _window_head(trainer: Trainer, source, draws, labels: np.ndarray, batch_size: int):
+  """A zero-weight head standardising with window-level feature statistics.
+
+  Subject means vary far less than single windows, so a head fitted on them
+  gives huge logits on windows; training starts from logit = log-odds instead.
+  """
+  feats = []
+  for first in range(0, len(draws), batch_size):
+    chunk = np.stack([source.window_at(i, s) for i, s in draws[first:first + batch_size]])
+    feats.append(trainer.pre.features(chunk, trainer.pool))
+  feats = np.concatenate(feats)
+  scale = feats.std(0)
+  prior = float(np.clip(labels.mean(), 0.05, 0.95))
+  return classifier.LinearHead(feats.mean(0), np.where(scale > 0, scale, 1.0).astype(np.float32),
+                               np.zeros(feats.shape[1], np.float32),
+                               float(np.log(prior / (1 - prior))), trainer.pool, 0.0)
+
+
 def train_one(trainer: Trainer, config, source, feats, train_rows, seed: int):
-  """Trains on the subjects of `train_rows`; returns the params."""
-  head = classifier.fit_linear_head(feats.features[train_rows], feats.labels[train_rows],
-                                    config.pool, seed=seed)
-  state = trainer.init(head)
+  """Trains on random windows of the subjects of `train_rows`; returns the params."""
   subjects = [feats.subjects[r] for r in train_rows]
   labels = dict(zip(subjects, feats.labels[train_rows].tolist()))
   windows = _windows_by_subject(source, set(subjects))
   rng = np.random.default_rng(seed)
+
+  def draw(count):
+    picks = rng.choice(len(subjects), count)
+    return [windows[subjects[p]][rng.integers(len(windows[subjects[p]]))] for p in picks], \
+        np.array([labels[subjects[p]] for p in picks], np.float32)
+
+  stats_draws, stats_labels = draw(max(4 * int(config.batch_size), 32))
+  state = trainer.init(_window_head(trainer, source, stats_draws, stats_labels,
+                                    int(config.batch_size)))
+  losses = []
   for step in range(int(config.steps)):
-    picks = rng.choice(len(subjects), int(config.batch_size))
-    batch, y = [], []
-    for p in picks:
-      scan, start = windows[subjects[p]][rng.integers(len(windows[subjects[p]]))]
-      batch.append(source.window_at(scan, start))
-      y.append(labels[subjects[p]])
-    state, loss = trainer.step(state, jnp.asarray(np.stack(batch)),
-                               jnp.asarray(y, jnp.float32))
+    picks, y = draw(int(config.batch_size))
+    batch = np.stack([source.window_at(i, s) for i, s in picks])
+    state, loss = trainer.step(state, jnp.asarray(batch), jnp.asarray(y))
+    losses.append(loss)
     if (step + 1) % max(1, int(config.steps) // 4) == 0:
-      logging.info("finetune step %d/%d: loss %.4f", step + 1, config.steps, float(loss))
+      logging.info("finetune step %d/%d: loss %.4f (mean since the last line)", step + 1,
+                   config.steps, float(np.mean(jax.device_get(losses))))
+      losses = []
   return state["params"]
 
 
