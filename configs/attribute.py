@@ -22,7 +22,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "shards": "",                 # a prepare workdir; empty: synthetic subjects
       "synthetic_subjects": 0,      # 0: as many as pretraining generated
   })
-  config.pool = "region"            # features the head reads: mean | region
+  config.classifier = ""            # a finetune workdir; empty: fit the probe's head here
+  config.pool = "region"            # features the probe head reads: mean | region
   config.baseline = "zeros"         # zeros | temporal_mean
   config.ig_steps = 32              # points on the path (midpoint rule)
   config.ig_chunk = 8               # points per backward pass: bounds memory

@@ -4,7 +4,8 @@ r"""Task `attribute`: integrated gradients of the ADHD logit, aggregated to AAL3
         --config.checkpoint=runs/demo
 
 The classifier is the frozen encoder + pooling + the linear probe refitted on
-every labelled subject (saved as classifier_head.npz). For each labelled
+every labelled subject (saved as classifier_head.npz), or, with
+`--config.classifier=<finetune workdir>`, the classifier that run saved. For each labelled
 subject, up to `max_windows` windows are explained against the baseline
 (`zeros`: the mean of z-scored data, or `temporal_mean`: each voxel's mean
 over the window), summed over frames, averaged over the subject's windows,
@@ -27,6 +28,7 @@ then over subjects per class. Writes to WORKDIR:
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ from absl import logging
 from roi_mae_jax import classifier
 from roi_mae_jax import embeddings
 from roi_mae_jax import errors
+from roi_mae_jax import finetune
 from roi_mae_jax import integrated_gradients as ig
 from roi_mae_jax import linear_probe
 from roi_mae_jax import metrics
@@ -143,6 +146,34 @@ def group_rows(rows: list[dict]) -> list[dict]:
   return out
 
 
+def probe_classifier(config, pre, source, paths: dict):
+  """The probe's logistic regression refitted on every labelled subject."""
+  feats = embeddings.subject_features(pre, source, config.pool, labelled_only=True,
+                                      batch_size=int(config.batch_size),
+                                      max_windows=int(config.max_windows))
+  head = classifier.fit_linear_head(feats.features, feats.labels, config.pool,
+                                    seed=int(config.seed))
+  head.save(paths["classifier_head.npz"])
+  probs = 1 / (1 + np.exp(-np.asarray(head.logit(jnp.asarray(feats.features)))))
+  fit = linear_probe.binary_metrics(feats.labels, probs)
+  logging.info("linear head on %d subjects: C %.3g, in-sample AUC %.3f", len(feats.labels),
+               head.c, fit["roc_auc"])
+  about = {"kind": "linear probe", "pool": config.pool, "C": head.c,
+           "in_sample_auc": fit["roc_auc"]}
+  return (classifier.window_logit(pre, head), dict(zip(feats.subjects, feats.labels.tolist())),
+          about)
+
+
+def finetuned_classifier(config, pre, source):
+  """The classifier a finetune run saved in `config.classifier`."""
+  params, pool = finetune.load_classifier(config.classifier, pre)
+  labels = {s: l for s, l in embeddings.subject_labels(source).items() if l in (0, 1)}
+  if not labels:
+    raise errors.InputError("no labelled subject to explain")
+  about = {"kind": "fine-tuned", "path": os.path.abspath(config.classifier), "pool": pool}
+  return (lambda windows: finetune.logits(pre, pool, params, windows)), labels, about
+
+
 def write_reconstruction_by_region(pre, source, count: int, paths: dict) -> None:
   windows = np.stack([source.window_at(i, 0) for i in range(min(count, len(source)))])
   rows = region_reconstruction.reconstruction_by_region(pre, windows)
@@ -174,19 +205,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   baseline_of(np.zeros((1, 1)), config.baseline)  # a bad name fails before any work
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = probe.data_source(pre, config.data)
-  feats = embeddings.subject_features(pre, source, config.pool, labelled_only=True,
-                                      batch_size=int(config.batch_size),
-                                      max_windows=int(config.max_windows))
-  head = classifier.fit_linear_head(feats.features, feats.labels, config.pool,
-                                    seed=int(config.seed))
-  head.save(paths["classifier_head.npz"])
-  probs = 1 / (1 + np.exp(-np.asarray(head.logit(jnp.asarray(feats.features)))))
-  fit = linear_probe.binary_metrics(feats.labels, probs)
-  logging.info("linear head on %d subjects: C %.3g, in-sample AUC %.3f", len(feats.labels),
-               head.c, fit["roc_auc"])
-  labels = dict(zip(feats.subjects, feats.labels.tolist()))
-  maps, completeness = subject_maps(config, pre, source, classifier.window_logit(pre, head),
-                                    labels)
+  if config.classifier:
+    logit_fn, labels, about = finetuned_classifier(config, pre, source)
+  else:
+    logit_fn, labels, about = probe_classifier(config, pre, source, paths)
+  maps, completeness = subject_maps(config, pre, source, logit_fn, labels)
   on_grid = pre.patch_map.atlas
   rows = region_rows(maps, on_grid, int(config.min_region_voxels))
   columns = ["rank", "id", "name", "hemisphere", "system", "voxels", "contrast", "abs_mean",
@@ -208,10 +231,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                       config.get("figure_point_mm", (30.0, -20.0, 8.0))),
              paths["attribution.png"])
   summary = {
-      "subjects": len(feats.subjects), "windows": len(completeness),
-      "ig_steps": int(config.ig_steps), "baseline": config.baseline, "pool": config.pool,
+      "subjects": len(labels), "windows": len(completeness),
+      "ig_steps": int(config.ig_steps), "baseline": config.baseline,
       "completeness": completeness_summary(completeness),
-      "head": {"C": head.c, "in_sample_auc": fit["roc_auc"]},
+      "classifier": about,
       "top_regions": [r["name"] for r in rows[:10] if r["rank"]],
       "checkpoint_step": pre.step}
   outputs.write_json(paths["attribution_summary.json"], summary)

@@ -32,6 +32,15 @@ class SubjectFeatures:
   windows: np.ndarray    # (S,) windows averaged per subject
 
 
+def subject_labels(source) -> dict[str, int]:
+  """subject -> label of every scan's subject, without running the encoder."""
+  labels: dict[str, int] = {}
+  for i in range(len(source)):
+    info = source.info(i)
+    labels[str(info["subject"])] = int(info["label"])
+  return labels
+
+
 def window_starts(num_frames: int, frames: int, max_windows: int = 0) -> list[int]:
   """Starts of the non-overlapping windows; `max_windows` > 0 keeps that many, spread out."""
   starts = list(range(0, num_frames - frames + 1, frames))

@@ -17,6 +17,7 @@ finetune_results.json (scheme -> metric -> mean, std), finetune_table.md.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -36,8 +37,15 @@ from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probe
 
 REQUIRED_KEYS = ("checkpoint", "mode", "steps", "learning_rate", "pool", "folds")
-OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier")
+OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "classifier.json")
 MODES = ("frozen", "full")
+
+
+def logits(pre: pretrained_lib.Pretrained, pool: str, params, windows):
+  """windows (B, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
+  features = pre.pool(pre.encode(params["encoder"], windows), pool)
+  z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
+  return z @ params["head"]["weight"] + params["head"]["bias"]
 
 
 class Trainer:
@@ -62,9 +70,7 @@ class Trainer:
     return {"params": params, "opt_state": self.tx.init(params)}
 
   def logits(self, params, windows):
-    features = self.pre.pool(self.pre.encode(params["encoder"], windows), self.pool)
-    z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
-    return z @ params["head"]["weight"] + params["head"]["bias"]
+    return logits(self.pre, self.pool, params, windows)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
   def step(self, state, windows, labels):
@@ -188,5 +194,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ckpt = checkpoint_lib.Checkpointer(paths["classifier"], keep=1, async_save=False)
   ckpt.save(int(config.steps), {"params": final})
   ckpt.close()
+  outputs.write_json(paths["classifier.json"], {
+      "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
+      "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),
+      "mode": config.mode, "step": int(config.steps)})
   logging.info("finetune results:\n%s\nclassifier saved in %s", probe.markdown_table(results),
                paths["classifier"])
+
+
+def load_classifier(workdir: str, pre: pretrained_lib.Pretrained):
+  """(params, pool) of the classifier a finetune run saved in `workdir`."""
+  meta_path = os.path.join(workdir, "classifier.json")
+  if not os.path.exists(meta_path):
+    raise errors.InputError(f"{meta_path} is missing: config.classifier must name a finetune "
+                            "workdir")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta["pretrained_step"] != pre.step:
+    logging.warning("the classifier was fine-tuned from step %d, the encoder loaded is step %d",
+                    meta["pretrained_step"], pre.step)
+  vector = jax.ShapeDtypeStruct((meta["features"],), jnp.float32)
+  abstract = {"params": {
+      "encoder": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pre.params),
+      "head": {"weight": vector, "bias": jax.ShapeDtypeStruct((), jnp.float32)},
+      "norm": {"mean": vector, "scale": vector}}}
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "classifier"), async_save=False)
+  try:
+    state, _ = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  return state["params"], meta["pool"]

@@ -35,6 +35,15 @@ def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
       jax.tree.leaves(state["params"]["encoder"]), jax.tree.leaves(pre.params)))
   assert (moved == 0.0) == (mode == "frozen"), moved
+  if mode == "full":  # the saved classifier is what attribute explains
+    attribute = load_config("attribute", "test")
+    attribute.update(checkpoint=str(pretrained_dir), classifier=str(tmp_path),
+                     reconstruction_windows=0, max_windows=1, ig_steps=8)
+    attribute.data.synthetic_subjects = 24
+    main_lib.run_task(attribute, str(tmp_path / "attribution"))
+    summary = json.loads((tmp_path / "attribution" / "attribution_summary.json").read_text())
+    assert summary["classifier"]["kind"] == "fine-tuned" and summary["subjects"] == 24
+    assert summary["completeness"]["relative_median"] < 0.05
 
 
 def test_bad_mode_is_an_input_error(tmp_path):
