@@ -49,7 +49,8 @@ def test_unknown_task_is_one_line_on_stderr(tmp_path):
               "--config.task=pretrainn")
   assert done.returncode == 2
   lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
-  assert lines == ["error: unknown task 'pretrainn'; config.task must be one of: prepare, pretrain, show_masks"]
+  assert lines == ["error: unknown task 'pretrainn'; config.task must be one of: attribute, "
+                   "finetune, prepare, pretrain, probe, show_masks"]
   assert "Traceback" not in done.stderr
 
 
