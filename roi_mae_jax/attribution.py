@@ -167,9 +167,8 @@ def probe_classifier(config, pre, source, paths: dict):
 def finetuned_classifier(config, pre, source):
   """The classifier a finetune run saved in `config.classifier`."""
   params, pool = finetune.load_classifier(config.classifier, pre)
-  labels = {s: l for s, l in embeddings.subject_labels(source).items() if l in (0, 1)}
-  if not labels:
-    raise errors.InputError("no labelled subject to explain")
+  table = embeddings.subject_table(source)
+  labels = dict(zip(table.subjects, table.labels.tolist()))
   about = {"kind": "fine-tuned", "path": os.path.abspath(config.classifier), "pool": pool}
   return (lambda windows: finetune.logits(pre, pool, params, windows)), labels, about
 

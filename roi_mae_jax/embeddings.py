@@ -32,13 +32,19 @@ class SubjectFeatures:
   windows: np.ndarray    # (S,) windows averaged per subject
 
 
-def subject_labels(source) -> dict[str, int]:
-  """subject -> label of every scan's subject, without running the encoder."""
-  labels: dict[str, int] = {}
+def subject_table(source, labelled_only: bool = True) -> SubjectFeatures:
+  """Subjects, sites and labels without running the encoder (`features` is (S, 0))."""
+  info = {}
   for i in range(len(source)):
-    info = source.info(i)
-    labels[str(info["subject"])] = int(info["label"])
-  return labels
+    meta = source.info(i)
+    if not labelled_only or meta["label"] in (0, 1):
+      info.setdefault(str(meta["subject"]), meta)
+  if not info:
+    raise errors.InputError("no labelled scan (labels 0/1)")
+  subjects = list(info)
+  return SubjectFeatures(subjects, [str(info[s]["site"]) for s in subjects],
+                         np.array([int(info[s]["label"]) for s in subjects]),
+                         np.zeros((len(subjects), 0), np.float32), np.zeros(len(subjects), int))
 
 
 def window_starts(num_frames: int, frames: int, max_windows: int = 0) -> list[int]:

@@ -57,7 +57,7 @@ class Trainer:
     encoder_tx = (optax.adamw(config.learning_rate * config.encoder_lr_scale,
                               weight_decay=config.weight_decay)
                   if config.mode == "full" else optax.set_to_zero())
-    # The feature standardisation ("norm") stays as the probe fitted it.
+    # The feature standardisation ("norm") stays as measured before training.
     self.tx = optax.multi_transform(
         {"head": head_tx, "encoder": encoder_tx, "norm": optax.set_to_zero()},
         {"head": "head", "encoder": "encoder", "norm": "norm"})
@@ -151,12 +151,12 @@ def subject_probabilities(trainer: Trainer, params, source, subjects: list[str],
   windows = _windows_by_subject(source, set(subjects))
   probs = []
   for subject in subjects:
-    logits = []
+    scores = []
     items = windows[subject]
     for first in range(0, len(items), batch_size):
       chunk = np.stack([source.window_at(i, s) for i, s in items[first:first + batch_size]])
-      logits.append(np.asarray(trainer.score(params, jnp.asarray(chunk))))
-    probs.append(1 / (1 + np.exp(-np.concatenate(logits).mean())))
+      scores.append(np.asarray(trainer.score(params, jnp.asarray(chunk))))
+    probs.append(1 / (1 + np.exp(-np.concatenate(scores).mean())))
   return np.array(probs)
 
 
@@ -166,8 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = probe.data_source(pre, config.data)
-  feats = embeddings.subject_features(pre, source, config.pool, labelled_only=True,
-                                      batch_size=int(config.batch_size))
+  feats = embeddings.subject_table(source)  # subjects, sites, labels: no encoder run
   splits = probe.make_splits(config, feats)
   trainer = Trainer(pre, config)
   per_split = {}
@@ -188,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   outputs.write_json(paths["finetune_results.json"], results)
   with open(paths["finetune_table.md"], "w", encoding="utf-8") as f:
     f.write(f"Fine-tuning ({config.mode}, {config.steps} steps), ADHD vs control: "
-            f"{len(feats.subjects)} subjects\n\n" + probe.markdown_table(results))
+            f"{len(feats.subjects)} subjects\n\n" +
+            probe.markdown_table(results, method=config.mode))
   final = train_one(trainer, config, source, feats, np.arange(len(feats.subjects)),
                     int(config.seed))
   ckpt = checkpoint_lib.Checkpointer(paths["classifier"], keep=1, async_save=False)
@@ -198,8 +198,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),
       "mode": config.mode, "step": int(config.steps)})
-  logging.info("finetune results:\n%s\nclassifier saved in %s", probe.markdown_table(results),
-               paths["classifier"])
+  logging.info("finetune results:\n%s\nclassifier saved in %s",
+               probe.markdown_table(results, method=config.mode), paths["classifier"])
 
 
 def load_classifier(workdir: str, pre: pretrained_lib.Pretrained):

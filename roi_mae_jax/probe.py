@@ -95,14 +95,15 @@ def evaluate(config, feats: embeddings.SubjectFeatures, splits) -> tuple[dict, d
   return results, oof
 
 
-def markdown_table(results: dict) -> str:
-  header = "| scheme | probe | " + " | ".join(METRIC_NAMES.values()) + " |"
+def markdown_table(results: dict, method: str = "sklearn") -> str:
+  """Keys 'kfold', 'loso_jax', ...: scheme, then the method (`method` when none)."""
+  header = "| scheme | method | " + " | ".join(METRIC_NAMES.values()) + " |"
   lines = [header, "|" + "---|" * (2 + len(METRIC_NAMES))]
   for key in sorted(k for k in results if k not in ("splits", "meta")):
     scheme, _, probe = key.partition("_")
     cells = [f"{results[key][m]['mean']:.3f} ± {results[key][m]['std']:.3f}"
              for m in METRIC_NAMES]
-    lines.append(f"| {scheme} | {probe or 'sklearn'} | " + " | ".join(cells) + " |")
+    lines.append(f"| {scheme} | {probe or method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
