@@ -14,7 +14,7 @@ then over subjects per class. Writes to WORKDIR:
                             scores (mean |IG| per voxel over all subjects = the main score,
                             sums, signed and absolute per class); ranked, regions under
                             `min_region_voxels` voxels last and unranked
-  attribution_groups.csv    the same by hemisphere and by system
+  attribution_groups.csv    the same by hemisphere and by system (voxel-weighted)
   attribution_map.nii.gz    on the data grid with its MNI affine; volumes: mean |IG|,
                             signed mean of ADHD subjects, signed mean of controls
   attribution.png           the top-20 regions and slices of the |IG| map
@@ -134,15 +134,20 @@ def region_rows(maps: dict, on_grid, min_voxels: int = 0) -> list[dict]:
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
-  """Sums over regions by hemisphere and by system; mean per voxel."""
+  """Regions pooled by hemisphere and by system (voxel-weighted), by contrast per level."""
   out = []
   for level in ("hemisphere", "system"):
+    groups = []
     for name in sorted({r[level] for r in rows}):
       members = [r for r in rows if r[level] == name]
       voxels = sum(r["voxels"] for r in members)
       total = sum(r["abs_sum"] for r in members)
-      out.append({"level": level, "name": name, "regions": len(members), "voxels": voxels,
-                  "abs_sum": total, "abs_mean": total / voxels})
+      difference = sum(r["voxels"] * (r["signed_adhd_mean"] - r["signed_control_mean"])
+                       for r in members)
+      groups.append({"level": level, "name": name, "regions": len(members), "voxels": voxels,
+                     "contrast": abs(difference) / voxels, "abs_sum": total,
+                     "abs_mean": total / voxels})
+    out += sorted(groups, key=lambda g: -g["contrast"])
   return out
 
 
@@ -216,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       [f"{m}_mean" for m in MAPS[1:]]
   shards.write_table(paths["attribution_regions.csv"], columns, rows)
   shards.write_table(paths["attribution_groups.csv"],
-                     ("level", "name", "regions", "voxels", "abs_sum", "abs_mean"),
+                     ("level", "name", "regions", "voxels", "contrast", "abs_sum", "abs_mean"),
                      group_rows(rows))
   volume = np.stack([maps[m] for m in MAPS[:3]], axis=-1).astype(np.float32)
   image = nib.Nifti1Image(volume, on_grid.grid.affine)

@@ -78,8 +78,11 @@ def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
   assert image.shape == pre.patch_map.atlas.grid.shape + (3,)
   np.testing.assert_allclose(image.affine, pre.patch_map.atlas.grid.affine)
   with open(tmp_path / "attribution_groups.csv", newline="") as f:
-    groups = {(r["level"], r["name"]) for r in csv.DictReader(f)}
+    group_table = list(csv.DictReader(f))
+  groups = {(r["level"], r["name"]) for r in group_table}
   assert {("hemisphere", "L"), ("hemisphere", "R"), ("system", "limbic")} <= groups
+  systems = [r["name"] for r in group_table if r["level"] == "system"]
+  assert systems[0] in ("limbic", "cerebellum"), systems
   assert (tmp_path / "attribution.png").stat().st_size > 10_000
   with open(tmp_path / "reconstruction_by_region.csv", newline="") as f:
     recon = list(csv.DictReader(f))
