@@ -16,8 +16,9 @@ then over subjects per class. Writes to WORKDIR:
                             `min_region_voxels` voxels last and unranked
   attribution_groups.csv    the same by hemisphere and by system (voxel-weighted)
   attribution_map.nii.gz    on the data grid with its MNI affine; volumes: mean |IG|,
-                            signed mean of ADHD subjects, signed mean of controls
-  attribution.png           the top-20 regions and slices of the |IG| map
+                            signed mean of ADHD subjects, signed mean of controls, and
+                            the class contrast |ADHD - control|
+  attribution.png           the top-20 regions and slices of the contrast map
   attribution_summary.json  completeness (sum of IG vs logit difference), counts, top regions
   classifier_head.npz       the linear head that was explained
   reconstruction_by_region.csv / .png
@@ -223,15 +224,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   shards.write_table(paths["attribution_groups.csv"],
                      ("level", "name", "regions", "voxels", "contrast", "abs_sum", "abs_mean"),
                      group_rows(rows))
-  volume = np.stack([maps[m] for m in MAPS[:3]], axis=-1).astype(np.float32)
+  contrast = np.abs(maps["signed_adhd"] - maps["signed_control"])
+  volume = np.stack([maps[m] for m in MAPS[:3]] + [contrast], axis=-1).astype(np.float32)
   image = nib.Nifti1Image(volume, on_grid.grid.affine)
-  image.header["descrip"] = b"IG: mean |attr|, signed ADHD, signed control"
+  image.header["descrip"] = b"IG: mean |attr|, signed ADHD, signed control, contrast"
   image.header.set_qform(on_grid.grid.affine, code=4)  # 4 = MNI152
   image.header.set_sform(on_grid.grid.affine, code=4)
   nib.save(image, paths["attribution_map.nii.gz"])
   brain = pre.patch_map.to_volume(np.ones(pre.spec.num_patches, bool), fill=False)
   ranked = [r for r in rows if r["rank"]]
-  plots.save(plots.attribution_figure(ranked[:20], maps["abs_all"], brain, on_grid.grid.affine,
+  plots.save(plots.attribution_figure(ranked[:20], contrast, brain, on_grid.grid.affine,
                                       config.get("figure_point_mm", (30.0, -20.0, 8.0))),
              paths["attribution.png"])
   summary = {

@@ -182,16 +182,17 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) 
 
 def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: np.ndarray,
                        affine: np.ndarray, point_mm: Sequence[float]) -> plt.Figure:
-  """Top regions by mean |IG| per voxel (bars coloured by system) and the map's slices."""
+  """Top regions by class contrast (bars coloured by system) and slices of `volume`."""
   fig = plt.figure(figsize=(11, 6.2))
   grid = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
   bars = fig.add_subplot(grid[0, :])
   systems = sorted({r["system"] for r in top_rows})
   colour = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(systems)}
   names = [r["name"] for r in top_rows][::-1]
-  values = [r["abs_mean"] for r in top_rows][::-1]
+  values = [r["contrast"] for r in top_rows][::-1]
   bars.barh(names, values, color=[colour[r["system"]] for r in top_rows][::-1])
-  bars.set_xlabel("mean |integrated gradients| per voxel", fontsize=8)
+  bars.set_xlabel("|ADHD - control| of the mean signed integrated gradients per voxel",
+                  fontsize=8)
   bars.tick_params(labelsize=7)
   bars.set_title(f"top {len(top_rows)} regions for the ADHD logit", fontsize=9)
   handles = [plt.Rectangle((0, 0), 1, 1, color=colour[s]) for s in systems]
@@ -200,7 +201,7 @@ def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: n
   heat = plt.get_cmap("hot")(np.clip(volume / max(top, 1e-12), 0, 1))[..., :3]
   heat[~brain] = BACKGROUND
   axes = [fig.add_subplot(grid[1, i]) for i in range(3)]
-  orthogonal_slices(axes, heat, affine, point_mm, titles=("|IG|", "", ""))
+  orthogonal_slices(axes, heat, affine, point_mm, titles=("class contrast", "", ""))
   fig.tight_layout()
   return fig
 

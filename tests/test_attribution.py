@@ -75,7 +75,7 @@ def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
   assert summary["completeness"]["relative_median"] < 0.01
   image = nib.load(tmp_path / "attribution_map.nii.gz")
   pre = pretrained_lib.load_pretrained(str(trained_dir))
-  assert image.shape == pre.patch_map.atlas.grid.shape + (3,)
+  assert image.shape == pre.patch_map.atlas.grid.shape + (4,)
   np.testing.assert_allclose(image.affine, pre.patch_map.atlas.grid.affine)
   with open(tmp_path / "attribution_groups.csv", newline="") as f:
     group_table = list(csv.DictReader(f))
