@@ -231,9 +231,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   image.header.set_qform(on_grid.grid.affine, code=4)  # 4 = MNI152
   image.header.set_sform(on_grid.grid.affine, code=4)
   nib.save(image, paths["attribution_map.nii.gz"])
-  brain = pre.patch_map.to_volume(np.ones(pre.spec.num_patches, bool), fill=False)
   ranked = [r for r in rows if r["rank"]]
-  plots.save(plots.attribution_figure(ranked[:20], contrast, brain, on_grid.grid.affine,
+  plots.save(plots.attribution_figure(ranked[:20], contrast, pre.brain, on_grid.grid.affine,
                                       config.get("figure_point_mm", (30.0, -20.0, 8.0))),
              paths["attribution.png"])
   summary = {

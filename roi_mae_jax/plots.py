@@ -198,7 +198,9 @@ def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: n
   handles = [plt.Rectangle((0, 0), 1, 1, color=colour[s]) for s in systems]
   bars.legend(handles, systems, fontsize=6, loc="lower right")
   top = np.percentile(volume[brain], 99.5) if brain.any() else 1.0
-  heat = plt.get_cmap("hot")(np.clip(volume / max(top, 1e-12), 0, 1))[..., :3]
+  level = np.clip(volume / max(top, 1e-12), 0, 1)[..., None]
+  # Overlay: the map in 'hot' over the grey brain, opaque where it is strong.
+  heat = (1 - level) * 0.35 + level * plt.get_cmap("hot")(level[..., 0])[..., :3]
   heat[~brain] = BACKGROUND
   axes = [fig.add_subplot(grid[1, i]) for i in range(3)]
   orthogonal_slices(axes, heat, affine, point_mm, titles=("class contrast", "", ""))

@@ -48,6 +48,12 @@ class Pretrained:
   step: int
 
   @functools.cached_property
+  def brain(self) -> np.ndarray:
+    """(X, Y, Z) bool: the atlas brain on the grid (for figures)."""
+    atlas = self.patch_map.atlas
+    return patches_lib.brain_envelope(atlas.labels, min(atlas.grid.voxel_size_mm))
+
+  @functools.cached_property
   def pooled_regions(self) -> np.ndarray:
     """Region indices (into patch_map.regions) that own at least one patch."""
     return np.unique(self.spec.patch_region[self.spec.patch_region >= 0])
