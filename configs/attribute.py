@@ -11,17 +11,11 @@ on every labelled subject (the probe's model).
 
 import ml_collections
 
+from roi_mae_jax import config_lib
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = "attribute"
-  config.seed = 0
-  config.checkpoint = ""            # a pretraining workdir
-  config.checkpoint_step = 0        # 0: the newest
-  config.data = ml_collections.ConfigDict({
-      "shards": "",                 # a prepare workdir; empty: synthetic subjects
-      "synthetic_subjects": 0,      # 0: as many as pretraining generated
-  })
+  config = config_lib.downstream("attribute")
   config.classifier = ""            # a finetune workdir; empty: fit the probe's head here
   config.pool = "region"            # features the probe head reads: mean | region
   config.baseline = "zeros"         # zeros | temporal_mean
@@ -31,7 +25,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.reconstruction_windows = 8  # reconstruction by region over this many scans (0: off)
   config.min_region_voxels = 10     # smaller regions are listed but not ranked
   config.batch_size = 8             # windows per encoder call for the head's features
-  config.overwrite = False
   if arg == "test":
     config.data.synthetic_subjects = 48
   elif arg:

@@ -8,17 +8,11 @@ Same splits and metrics as configs/probe.py; `mode=frozen` trains the head only.
 
 import ml_collections
 
+from roi_mae_jax import config_lib
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = "finetune"
-  config.seed = 0
-  config.checkpoint = ""            # a pretraining workdir
-  config.checkpoint_step = 0        # 0: the newest
-  config.data = ml_collections.ConfigDict({
-      "shards": "",                 # a prepare workdir; empty: synthetic subjects
-      "synthetic_subjects": 0,      # 0: as many as pretraining generated
-  })
+  config = config_lib.downstream("finetune")
   config.mode = "full"              # full | frozen (head only)
   config.pool = "mean"              # mean | region
   config.steps = 60                 # per split
@@ -29,7 +23,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.schemes = "kfold,loso"
   config.folds = 5
   config.repeats = 1
-  config.overwrite = False
   if arg == "test":
     config.folds = 3
     config.steps = 6

@@ -12,17 +12,11 @@ synthetic subjects.
 
 import ml_collections
 
+from roi_mae_jax import config_lib
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = "probe"
-  config.seed = 0
-  config.checkpoint = ""            # a pretraining workdir
-  config.checkpoint_step = 0        # 0: the newest
-  config.data = ml_collections.ConfigDict({
-      "shards": "",                 # a prepare workdir; empty: synthetic subjects
-      "synthetic_subjects": 0,      # 0: as many as pretraining generated
-  })
+  config = config_lib.downstream("probe")
   config.pool = "mean"              # mean | region (| cls, when the encoder has one)
   config.schemes = "kfold,loso"
   config.folds = 5
@@ -31,7 +25,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.jax_probe = True           # also the JAX probe on the same splits
   config.batch_size = 8             # windows per encoder call
   config.max_windows = 0            # windows per scan (0: all non-overlapping)
-  config.overwrite = False
   if arg == "test":  # seconds on a CPU, on a pretrain_aal3.py:test checkpoint
     config.folds = 3
     config.repeats = 1

@@ -55,6 +55,21 @@ def mask(strategy: str = "roi", ratio: float = 0.5) -> ml_collections.ConfigDict
       "region_weights": ""})
 
 
+def downstream(task: str) -> ml_collections.ConfigDict:
+  """The start of a probe / finetune / attribute config: which encoder, which data."""
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = 0
+  config.checkpoint = ""            # a pretraining workdir
+  config.checkpoint_step = 0        # 0: the newest
+  config.data = ml_collections.ConfigDict({
+      "shards": "",                 # a prepare workdir; empty: synthetic subjects
+      "synthetic_subjects": 0,      # 0: as many as pretraining generated
+  })
+  config.overwrite = False
+  return config
+
+
 def paper_scale(config: ml_collections.ConfigDict) -> None:
   """The paper's setting: 96^3 at 2 mm, 6^3-voxel patches, 20-frame windows."""
   config.grid.voxel_size_mm = 2.0
