@@ -59,7 +59,7 @@ def make_source(config: ml_collections.ConfigDict, multiple_of: int):
   if source.left_out:
     logging.warning("%d scans are shorter than %d frames and left out, e.g. %s",
                     len(source.left_out), config.frames, source.left_out[0])
-  logging.info("training on %d prepared scans from %s", len(source), config.data.shards)
+  logging.info("reading %d prepared scans from %s", len(source), config.data.shards)
   return source
 
 
