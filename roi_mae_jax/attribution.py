@@ -71,12 +71,9 @@ def baseline_of(windows: np.ndarray, kind: str) -> np.ndarray:
 def subject_maps(config, pre, source, logit_fn, labels_by_subject: dict) -> tuple[dict, list]:
   """Per-class mean maps (X, Y, Z) and (sum of IG, logit difference) per window."""
   by_subject: dict[str, list[np.ndarray]] = {}
-  errors_, jobs = [], []
-  for i in range(len(source)):
-    subject = str(source.info(i)["subject"])
-    if subject in labels_by_subject:
-      jobs += [(i, subject, s) for s in embeddings.window_starts(
-          source.num_frames(i), source.frames, int(config.max_windows))]
+  errors_ = []
+  windows = embeddings.windows_by_subject(source, labels_by_subject, int(config.max_windows))
+  jobs = [(i, subject, s) for subject, items in windows.items() for i, s in items]
   started = time.time()
   for n, (i, subject, start) in enumerate(jobs, start=1):
     window = source.window_at(i, start)[None]

@@ -56,6 +56,18 @@ def window_starts(num_frames: int, frames: int, max_windows: int = 0) -> list[in
   return starts
 
 
+def windows_by_subject(source, subjects,
+                       max_windows: int = 0) -> dict[str, list[tuple[int, int]]]:
+  """subject -> (scan index, start frame) of the windows of each of its scans."""
+  out: dict[str, list[tuple[int, int]]] = {}
+  for i in range(len(source)):
+    subject = str(source.info(i)["subject"])
+    if subject in subjects:
+      out.setdefault(subject, []).extend(
+          (i, s) for s in window_starts(source.num_frames(i), source.frames, max_windows))
+  return out
+
+
 def subject_features(pre: pretrained_lib.Pretrained, source, pool: str = "mean",
                      labelled_only: bool = True, batch_size: int = 8,
                      max_windows: int = 0) -> SubjectFeatures:

@@ -89,16 +89,6 @@ class Trainer:
     return self.logits(params, windows)
 
 
-def _windows_by_subject(source, subjects: set[str]) -> dict[str, list[tuple[int, int]]]:
-  out: dict[str, list[tuple[int, int]]] = {}
-  for i in range(len(source)):
-    subject = str(source.info(i)["subject"])
-    if subject in subjects:
-      out.setdefault(subject, []).extend(
-          (i, s) for s in embeddings.window_starts(source.num_frames(i), source.frames))
-  return out
-
-
 def _window_head(trainer: Trainer, source, draws, labels: np.ndarray, batch_size: int):
   """A zero-weight head standardising with window-level feature statistics.
 
@@ -121,7 +111,7 @@ def train_one(trainer: Trainer, config, source, feats, train_rows, seed: int):
   """Trains on random windows of the subjects of `train_rows`; returns the params."""
   subjects = [feats.subjects[r] for r in train_rows]
   labels = dict(zip(subjects, feats.labels[train_rows].tolist()))
-  windows = _windows_by_subject(source, set(subjects))
+  windows = embeddings.windows_by_subject(source, set(subjects))
   rng = np.random.default_rng(seed)
 
   def draw(count):
@@ -148,7 +138,7 @@ def train_one(trainer: Trainer, config, source, feats, train_rows, seed: int):
 def subject_probabilities(trainer: Trainer, params, source, subjects: list[str],
                           batch_size: int) -> np.ndarray:
   """Mean logit over every window of each subject -> probability of ADHD."""
-  windows = _windows_by_subject(source, set(subjects))
+  windows = embeddings.windows_by_subject(source, set(subjects))
   probs = []
   for subject in subjects:
     scores = []
