@@ -173,7 +173,7 @@ def finetuned_classifier(config, pre, source):
   table = embeddings.subject_table(source)
   labels = dict(zip(table.subjects, table.labels.tolist()))
   about = {"kind": "fine-tuned", "path": os.path.abspath(config.classifier), "pool": pool}
-  return (lambda windows: finetune.logits(pre, pool, params, windows)), labels, about
+  return (lambda windows: classifier.logits(pre, pool, params, windows)), labels, about
 
 
 def write_reconstruction_by_region(pre, source, count: int, paths: dict) -> None:

@@ -56,11 +56,21 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, pool: str,
                     logistic.coef_[0].astype(np.float32), float(logistic.intercept_[0]), pool, c)
 
 
+def params_of(pre: pretrained_lib.Pretrained, head: LinearHead) -> dict:
+  """The classifier as the parameter tree `logits` reads (and finetune trains)."""
+  return {"encoder": pre.params,
+          "head": {"weight": jnp.asarray(head.weight), "bias": jnp.asarray(head.bias, jnp.float32)},
+          "norm": {"mean": jnp.asarray(head.mean), "scale": jnp.asarray(head.scale)}}
+
+
+def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, windows) -> jax.Array:
+  """windows (B, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
+  features = pre.pool(pre.encode(params["encoder"], windows), pool)
+  z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
+  return z @ params["head"]["weight"] + params["head"]["bias"]
+
+
 def window_logit(pre: pretrained_lib.Pretrained, head: LinearHead) -> Callable:
   """windows (B, X, Y, Z, T) -> (B,) ADHD logits, differentiable end to end."""
-  params = pre.params
-
-  def logit(windows):
-    return head.logit(pre.pool(pre.encode(params, windows), head.pool))
-
-  return logit
+  params = params_of(pre, head)
+  return lambda windows: logits(pre, head.pool, params, windows)

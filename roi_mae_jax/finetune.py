@@ -41,13 +41,6 @@ OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "cla
 MODES = ("frozen", "full")
 
 
-def logits(pre: pretrained_lib.Pretrained, pool: str, params, windows):
-  """windows (B, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
-  features = pre.pool(pre.encode(params["encoder"], windows), pool)
-  z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
-  return z @ params["head"]["weight"] + params["head"]["bias"]
-
-
 class Trainer:
   """The jitted train step and scorer of one (pretrained encoder, config)."""
 
@@ -63,14 +56,12 @@ class Trainer:
         {"head": "head", "encoder": "encoder", "norm": "norm"})
 
   def init(self, head: classifier.LinearHead) -> dict:
-    params = {"encoder": jax.tree.map(jnp.copy, self.pre.params),  # the step donates it
-              "head": {"weight": jnp.asarray(head.weight),
-                       "bias": jnp.asarray(head.bias, jnp.float32)},
-              "norm": {"mean": jnp.asarray(head.mean), "scale": jnp.asarray(head.scale)}}
+    params = classifier.params_of(self.pre, head)
+    params["encoder"] = jax.tree.map(jnp.copy, params["encoder"])  # the step donates it
     return {"params": params, "opt_state": self.tx.init(params)}
 
   def logits(self, params, windows):
-    return logits(self.pre, self.pool, params, windows)
+    return classifier.logits(self.pre, self.pool, params, windows)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
   def step(self, state, windows, labels):
