@@ -38,6 +38,7 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
   config.data = ml_collections.ConfigDict({
       "shards": "",                    # a prepare workdir; empty: the synthetic data below
       "windows_per_subject": 4,        # random windows of each scan per epoch
+      "streams": 0,                    # parts of the global batch; 0: one per process
       "read_threads": 2,
       "prefetch": 4,                   # batches read ahead
       "prefetch_workers": 0,           # >0: read in that many processes

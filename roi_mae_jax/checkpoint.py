@@ -1,27 +1,30 @@
 """Checkpoints: the only module that imports Orbax.
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
-    ckpt.save(step, state, data_state=it.get_state())   # async; returns at once
+    ckpt.save(step, state, data_iterator=it)     # async for arrays; returns at once
     if ckpt.latest_step() is not None:
-      state, data_state = ckpt.restore(abstract_state)  # sharded like abstract_state
-    ckpt.close()                                        # waits for pending saves
+      state, resumed_data = ckpt.restore(abstract_state, data_iterator=it)
+    ckpt.close()                                  # waits for pending saves
 
 A save is written to a temporary folder and renamed when complete, so a save
 cut off by a crash is never listed, and the previous checkpoint is used.
 Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
+In a multi-process run every process calls save and restore: arrays are
+written once, shard by shard, and each process's Grain iterator position goes
+to its own file (data/process_<i>-of-<n>.json), since each reads other data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
 from roi_mae_jax import errors
-
-
 
 def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -69,25 +72,38 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
+  def save(self, step: int, state: Any, data_iterator=None) -> None:
+    """Saves `state` and, when given, the position of a Grain `data_iterator`."""
     items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
-    if data_state is not None:
-      items["data"] = ocp.args.JsonSave(data_state)
+    if data_iterator is not None:  # written now (synchronously): the loop moves it on
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None]:
-    """(state, data_state) of `step` (default latest), laid out like `abstract_state`."""
+  def restore(self, abstract_state: Any, step: int | None = None,
+              data_iterator=None) -> tuple[Any, bool]:
+    """(state, whether `data_iterator` was moved to its saved position) of `step`.
+
+    `step` defaults to the latest; the state is laid out like `abstract_state`.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise errors.InputError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(_abstract_key_data, abstract_state)
     items = {"state": ocp.args.StandardRestore(target)}
-    has_data = "data" in self.item_names(step)
+    has_data = data_iterator is not None and "data" in self.item_names(step)
     if has_data:
-      items["data"] = ocp.args.JsonRestore()
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = _data_to_keys(restored["state"], abstract_state)
-    return state, (restored["data"] if has_data else None)
+    return _data_to_keys(restored["state"], abstract_state), has_data
+
+  def data_state(self, step: int) -> dict | None:
+    """This process's saved iterator position at `step` (None when not saved)."""
+    path = os.path.join(self.directory, str(step), "data",
+                        f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
 
   def item_names(self, step: int) -> list[str]:
     path = os.path.join(self.directory, str(step))

@@ -67,7 +67,8 @@ def make_iterator(config: ml_collections.ConfigDict, source, local_batch: int):
   """The checkpointable batch iterator of this process."""
   dataset = pipeline.training_dataset(
       source, local_batch, config.seed,
-      windows_per_subject=config.data.get("windows_per_subject", 1))
+      windows_per_subject=config.data.get("windows_per_subject", 1),
+      streams=config.data.get("streams", 0))
   return pipeline.make_iterator(dataset, config.data.get("read_threads", 2),
                                 config.data.get("prefetch", 4),
                                 config.data.get("prefetch_workers", 0))
@@ -121,10 +122,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(setup.abstract_state)
-    if data_state is not None:
-      iterator.set_state(data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+    state, resumed_data = ckpt.restore(setup.abstract_state, data_iterator=iterator)
+    logging.info("resumed from %s at step %d%s", ckpt.directory, int(state["step"]),
+                 "" if resumed_data else " (no data position saved: the batches start over)")
   else:
     state = setup.init()
   start_step = int(jax.device_get(state["step"]))
@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       pending, last_time, last_step = [], time.time(), done
     if done % config.checkpoint_every == 0 or done == config.total_steps:
       _check_finite(state, done, ckpt)
-      ckpt.save(done, state, data_state=iterator.get_state())
+      ckpt.save(done, state, data_iterator=iterator)
     if done == config.get("fault_kill_after_step", 0):
       ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
       os.kill(os.getpid(), signal.SIGKILL)

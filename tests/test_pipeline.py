@@ -73,3 +73,27 @@ def test_training_source_checks_the_grid(prepared_dir, tmp_path):
   config.data.shards = str(tmp_path)
   with pytest.raises(errors.InputError, match="not a prepared dataset"):
     train.make_source(config, multiple_of=4)
+
+
+@pytest.mark.parametrize("prefetch_workers", [0, 2])
+def test_one_process_reading_two_streams_sees_the_two_process_batches(prepared_dir,
+                                                                        prefetch_workers):
+  source = pipeline.ShardWindows(str(prepared_dir), frames=4)
+  one = pipeline.make_iterator(
+      pipeline.training_dataset(source, 4, seed=5, windows_per_subject=2, streams=2,
+                                process_index=0, process_count=1),
+      prefetch_workers=prefetch_workers)
+  halves = [pipeline.make_iterator(pipeline.training_dataset(
+      source, 2, seed=5, windows_per_subject=2, streams=2, process_index=p, process_count=2))
+            for p in range(2)]
+  for batch in _batches(one, 6):  # 6 batches cross an epoch of each 4-scan stream
+    parts = [next(h) for h in halves]
+    for key in ("subject", "windows", "label"):
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+    assert set(parts[0]["subject"]) <= {0, 2, 4, 6} and set(parts[1]["subject"]) <= {1, 3, 5, 7}
+  if prefetch_workers:
+    one.close()
+  with pytest.raises(errors.InputError, match="data.streams=3 cannot be shared by 2"):
+    pipeline.training_dataset(source, 2, seed=0, streams=3, process_index=0, process_count=2)
+  with pytest.raises(errors.InputError, match="batch of 3 cannot be split into its 2 streams"):
+    pipeline.training_dataset(source, 3, seed=0, streams=2, process_index=0, process_count=1)

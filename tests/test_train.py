@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +96,8 @@ def _final_params(workdir):
   config = load_config("pretrain_aal3", "test")
   setup, _ = _setup(config, jax.devices()[:1])
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, data_state = ckpt.restore(setup.abstract_state)
+  state, _ = ckpt.restore(setup.abstract_state)
+  data_state = ckpt.data_state(ckpt.latest_step())
   ckpt.close()
   return jax.device_get(state), data_state
 
@@ -121,7 +123,7 @@ def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path, data, reques
   a, data_a = _final_params(straight)
   b, data_b = _final_params(killed)
   assert int(a["step"]) == int(b["step"]) == 6
-  assert data_a == data_b
+  assert data_a == data_b and data_a is not None
   for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-7)
   # One line per step, none duplicated by the replay after the crash.
@@ -141,9 +143,13 @@ def test_checkpoints_round_trip_rng_keys_and_skip_cut_off_saves(tmp_path):
   state = {"rng": key, "w": jax.device_put(jnp.arange(16.0).reshape(4, 4),
                                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))}
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  numbers = grain.MapDataset.range(100).shuffle(seed=1).to_iter_dataset()
+  iterator = iter(numbers)
   for step in (1, 2, 3):
-    ckpt.save(step, state, data_state={"next_index": step})
+    next(iterator)
+    ckpt.save(step, state, data_iterator=iterator)
   ckpt.wait()
+  expected = [next(iterator) for _ in range(3)]
   assert ckpt.all_steps() == [2, 3]  # keep=2
   # A save cut off mid-write leaves only a temporary folder: never listed.
   shutil.copytree(tmp_path / "3", tmp_path / "4.orbax-checkpoint-tmp-99")
@@ -151,9 +157,10 @@ def test_checkpoints_round_trip_rng_keys_and_skip_cut_off_saves(tmp_path):
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
   assert ckpt.latest_step() == 3
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored, data_state = ckpt.restore(abstract)
+  fresh = iter(numbers)
+  restored, resumed_data = ckpt.restore(abstract, data_iterator=fresh)
   ckpt.close()
-  assert data_state == {"next_index": 3}
+  assert resumed_data and [next(fresh) for _ in range(3)] == expected
   assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
   np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
   np.testing.assert_array_equal(jax.random.uniform(jax.random.fold_in(restored["rng"], 3), (4,)),

@@ -6,12 +6,15 @@
     batch = next(it)            # {"windows": (8, X, Y, Z, 8), "subject": (8,), "label": (8,)}
     state = it.get_state()      # goes into the checkpoint; it.set_state(state) resumes
 
-An epoch visits each of this process's scans `windows_per_subject` times in a
-seeded shuffle, each visit a random window of T frames. Process i of n reads
-every n-th scan (disjoint shares); the shuffle and the windows are reseeded
-every epoch, and all randomness is a function of (seed, position), so a
-resumed run sees exactly the batches it would have seen.
-`sharding.global_batch` turns each process's batch into global arrays.
+The global batch is made of `streams` equal parts. Stream k reads every
+streams-th scan (k, k + streams, ...: disjoint shares), visits each of its
+scans `windows_per_subject` times per epoch in a seeded shuffle, each visit a
+random window of T frames. Process p of n reads streams p*streams/n ... in
+order, so the batches depend on `streams`, not on how many processes read
+them: one process with streams=2 sees the global batches of a 2-process run.
+The default (streams=0) is one stream per process. All randomness is a function
+of (seed, stream, position), so a resumed run sees exactly the batches it would
+have seen. `sharding.global_batch` turns each process's batch into global arrays.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 
 import grain
+import grain.experimental
 import jax
 from absl import flags
 import nibabel as nib
@@ -136,24 +140,49 @@ class _DrawWindow(grain.transforms.RandomMap):
     return self.source.draw(int(element), rng)
 
 
-def training_dataset(source, local_batch: int, seed: int, *, windows_per_subject: int = 1,
-                     process_index: int | None = None,
-                     process_count: int | None = None) -> grain.MapDataset:
-  """Shuffled, endlessly repeated batches of this process's share of scans."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if windows_per_subject < 1:
-    raise errors.InputError(f"data.windows_per_subject must be >= 1, got {windows_per_subject}")
-  ds = grain.MapDataset.range(len(source))[process_index::process_count]
-  if len(ds) == 0:
-    raise errors.InputError(f"{len(source)} scans cannot be shared by {process_count} "
-                            "processes: every process needs at least one")
+class _ConcatStreams(grain.transforms.Map):
+  """(batch of stream a, batch of stream b, ...) -> one batch, rows in stream order."""
+
+  def map(self, element):
+    return {k: np.concatenate([part[k] for part in element]) for k in element[0]}
+
+
+def _stream(source, stream: int, streams: int, rows: int, seed: int,
+            windows_per_subject: int) -> grain.MapDataset:
+  """Endless shuffled batches of `rows` windows from scans stream, stream + streams, ..."""
+  ds = grain.MapDataset.range(len(source))[stream::streams]
   if windows_per_subject > 1:
     ds = ds.repeat(windows_per_subject)
-  ds = ds.shuffle(seed=seed)
-  ds = ds.random_map(_DrawWindow(source), seed=seed + 1)
-  ds = ds.repeat()
-  return ds.batch(local_batch, drop_remainder=True)
+  stream_seed = seed + 7919 * stream  # stream 0 keeps `seed`
+  ds = ds.shuffle(seed=stream_seed)
+  ds = ds.random_map(_DrawWindow(source), seed=stream_seed + 1)
+  return ds.repeat().batch(rows, drop_remainder=True)
+
+
+def training_dataset(source, local_batch: int, seed: int, *, windows_per_subject: int = 1,
+                     streams: int = 0, process_index: int | None = None,
+                     process_count: int | None = None) -> grain.MapDataset:
+  """Shuffled, endlessly repeated batches of this process's streams (see module doc)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  streams = streams or process_count
+  if windows_per_subject < 1:
+    raise errors.InputError(f"data.windows_per_subject must be >= 1, got {windows_per_subject}")
+  if streams % process_count:
+    raise errors.InputError(f"data.streams={streams} cannot be shared by {process_count} "
+                            "processes: it must be a multiple of the process count")
+  own = streams // process_count
+  if local_batch % own:
+    raise errors.InputError(f"this process's batch of {local_batch} cannot be split into its "
+                            f"{own} streams (data.streams={streams}, {process_count} processes)")
+  if len(source) < streams:
+    raise errors.InputError(f"{len(source)} scans cannot be shared by {streams} data streams "
+                            f"({process_count} processes): every stream needs at least one")
+  parts = [_stream(source, k, streams, local_batch // own, seed, windows_per_subject)
+           for k in range(process_index * own, (process_index + 1) * own)]
+  if len(parts) == 1:
+    return parts[0]
+  return grain.experimental.ZipMapDataset(parts).map(_ConcatStreams())
 
 
 def make_iterator(dataset: grain.MapDataset, read_threads: int = 2, prefetch: int = 4,
