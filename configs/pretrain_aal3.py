@@ -14,6 +14,7 @@ Any field can be overridden, e.g. `--config.mask.ratio=0.75`.
 import ml_collections
 
 from roi_mae_jax import config_lib
+from roi_mae_jax import distributed
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
@@ -35,6 +36,7 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
   config.optim = train_step.optim_config()
   config.optim.learning_rate = 2e-3
   config.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)
+  config.distributed = distributed.distributed_config()
   config.data = ml_collections.ConfigDict({
       "shards": "",                    # a prepare workdir; empty: the synthetic data below
       "windows_per_subject": 4,        # random windows of each scan per epoch

@@ -92,9 +92,19 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(target)}
     has_data = data_iterator is not None and "data" in self.item_names(step)
     if has_data:
+      self._check_process_count(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return _data_to_keys(restored["state"], abstract_state), has_data
+
+  def _check_process_count(self, step: int) -> None:
+    folder = os.path.join(self.directory, str(step), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.exists(os.path.join(folder, mine)):
+      saved = sorted(n for n in os.listdir(folder) if n.startswith("process_"))
+      raise errors.InputError(
+          f"{folder} holds the data positions {', '.join(saved)}, not {mine}: resume with "
+          "the number of processes that wrote the checkpoint")
 
   def data_state(self, step: int) -> dict | None:
     """This process's saved iterator position at `step` (None when not saved)."""

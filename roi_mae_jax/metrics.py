@@ -5,9 +5,11 @@
     log.progress(step, seconds_per_step=0.4, extra="loss 0.800")
     log.close()
 
-Only process 0 writes. On resume, lines for steps past the restored
-checkpoint (work that was lost with the crash) are dropped from the JSONL so
-the file reads as one run.
+Process 0 writes metrics.jsonl and TensorBoard; in a multi-process run every
+other process p writes metrics.process<p>.jsonl, the loss as that process saw
+it (equal in all of them: a check that the processes ran in lockstep). On
+resume, lines for steps past the restored checkpoint (work that was lost with
+the crash) are dropped from the JSONL so the file reads as one run.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from absl import logging
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
+def metrics_file(process: int = 0) -> str:
+  return METRICS_FILE if process == 0 else f"metrics.process{process}.jsonl"
+
+
+def read_metrics(workdir: str, process: int = 0) -> list[dict]:
+  path = os.path.join(workdir, metrics_file(process))
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
@@ -52,25 +58,24 @@ class MetricsLog:
     self.total_steps = total_steps
     self.start_step = resumed_from
     self.start_time = time.time()
-    self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    process = jax.process_index()
+    self.path = os.path.join(workdir, metrics_file(process))
     self._tb = None
-    if not self.enabled:
-      return
-    kept = [r for r in read_metrics(workdir) if r["step"] <= resumed_from]
+    kept = [r for r in read_metrics(workdir, process) if r["step"] <= resumed_from]
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, self.path)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from + 1)
+    if process == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from + 1)
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
     record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
+    if self._tb is None:
+      return
     for name, value in values.items():
       self._tb.add_scalar(f"train/{name}", float(value), int(step))
     self._tb.flush()

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 
 from roi_mae_jax import errors
@@ -42,6 +43,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
   """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.
 
   Keys in `may_differ` (e.g. total_steps) may change between a run and its resume.
+  Every process checks; process 0 writes.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -54,5 +56,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
       raise errors.InputError(
           f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
           f"with the same config or choose another --workdir{hint}")
-  write_json(path, current)
+  if jax.process_index() == 0:
+    write_json(path, current)
   return path

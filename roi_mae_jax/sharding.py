@@ -62,6 +62,10 @@ def mesh_from_config(mesh_cfg: Mapping[str, int], devices=None) -> jax.sharding.
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   used = math.prod(shape)
+  if used < len(devices) and jax.process_count() > 1:  # a process without devices gets no data
+    raise errors.InputError(f"config.mesh {dict(zip(AXES, shape))} uses {used} of the "
+                            f"{len(devices)} devices of this {jax.process_count()}-process "
+                            "run; a multi-process mesh must use them all (set one axis to -1)")
   if used < len(devices):
     logging.warning("mesh %s uses %d of %d devices", dict(zip(AXES, shape)), used, len(devices))
   # Auto axes: the mask sampler gathers constants by sharded indices, which

@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import distributed
 from roi_mae_jax import errors
 from roi_mae_jax import grids
 from roi_mae_jax import masking
@@ -39,7 +40,7 @@ REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size
                  "optim.learning_rate", "log_every", "checkpoint_every")
 # Settings a resumed run may change without being a different run.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "fault_kill_after_step", "overwrite")
+                     "fault_kill_after_step", "overwrite", "distributed")
 
 
 def make_source(config: ml_collections.ConfigDict, multiple_of: int):
@@ -99,7 +100,10 @@ def _compile(setup: train_step.TrainSetup, state, batch):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  # --- Mesh ---------------------------------------------------------------
+  # --- Processes and mesh -------------------------------------------------
+  distributed.initialize(config.get("distributed"))
+  if not config.data.get("streams", 0):  # recorded, so a resume reads the same batches
+    config.data.streams = jax.process_count()
   mesh = sharding_lib.mesh_from_config(config.mesh)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   local_batch = config.batch_size // jax.process_count()
