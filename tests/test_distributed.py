@@ -98,3 +98,49 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
   # The checkpoint cannot be resumed by a different number of processes.
   again = _launch(pod, 1, "--config.total_steps=6", devices=2)
   assert again.returncode == 2 and "resume with the number of processes" in again.stderr
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: two tasks on this host with the variables SLURM sets.
+while [[ "$1" == --* ]]; do shift; done
+for i in 0 1; do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 SLURM_STEP_NUM_TASKS=2 SLURM_JOB_ID=$JOB \\
+      SLURM_STEP_NODELIST=localhost "$@" > "$LOGS/task_$i.log" 2>&1 &
+done
+status=0
+for pid in $(jobs -p); do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_slurm_launcher_joins_its_tasks_through_slurm_variables(tmp_path):
+  """launch/slurm_gpu.sbatch under a stand-in srun: JAX finds the coordinator from SLURM."""
+  (tmp_path / "bin").mkdir()
+  srun = tmp_path / "bin" / "srun"
+  srun.write_text(FAKE_SRUN)
+  srun.chmod(0o755)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", LOGS=str(tmp_path),
+             JOB=str(os.getpid()),  # JAX derives the coordinator port from the job id
+             PATH=os.pathsep.join([str(tmp_path / "bin"), os.path.dirname(sys.executable),
+                                   os.environ["PATH"]]))
+  run = subprocess.run(
+      ["bash", "launch/slurm_gpu.sbatch", "--config=configs/pretrain_aal3.py:test",
+       f"--workdir={tmp_path / 'run'}", "--config.batch_size=4", "--config.total_steps=1",
+       "--config.mesh.data=-1", "--config.log_every=1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  logs = [(tmp_path / f"task_{i}.log").read_text() for i in range(2)]
+  assert run.returncode == 0, logs[0][-2000:] + logs[1][-2000:]
+  for i, log in enumerate(logs):
+    assert f"process {i} of 2: 1 local devices, 2 in all" in log
+  assert _losses(tmp_path / "run", 0) == _losses(tmp_path / "run", 1) != []
+
+
+def test_launchers_parse_and_refuse_missing_arguments(tmp_path):
+  for script in ("launch/local_multiprocess.sh", "launch/tpu_pod.sh", "launch/slurm_gpu.sbatch"):
+    assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
+  env = dict(os.environ, TPU_NAME="t", ZONE="z")
+  for cmd in (["launch/local_multiprocess.sh", "2", "--config=x.py"], ["launch/tpu_pod.sh", "run"],
+              ["launch/slurm_gpu.sbatch"]):
+    done = subprocess.run(["bash", *cmd], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and ("usage" in done.stderr or "required" in done.stderr), cmd
