@@ -12,7 +12,8 @@ from configs import show_masks
 from roi_mae_jax import errors
 from roi_mae_jax import main as main_lib
 from roi_mae_jax.bench import __main__ as bench_main
-from tests.conftest import REPO
+from roi_mae_jax.bench import overview
+from tests.conftest import REPO, load_config
 
 
 def _cli(*args, cwd=REPO):
@@ -117,3 +118,37 @@ def test_bench_data_prints_throughput_and_input_wait(tmp_path, capsys):
   assert figures["subjects"] == 2 and figures["subjects_per_min"] > 0
   assert figures["pipeline_windows_per_s"] > 0 and 0 <= figures["input_wait_share"] < 1
   assert figures["peak_rss_main_mib"] > 0
+
+
+def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
+  code = bench_main.main([f"--config={config}", "--size=tiny", "--steps=2", "--peak_size=256",
+                          "--mask_repeats=2", f"--json={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  for line in ("step time", "tokens/s", "MFU", "mask sampling", "waiting for data",
+               "brain-only tokens", "memory per step", "host peak RSS"):
+    assert line in printed, line
+  figures = json.loads(out.read_text())["all"]
+  assert figures["step_s"] > 0 and 0 < figures["mfu"] < 1.5
+  assert 0 < figures["mask_sampling_share"] < 1 and 0 <= figures["data_wait_share"] < 1
+  assert figures["tokens_saved"] == pytest.approx(1 - figures["tokens_brain"] / figures["tokens_box"])
+  assert figures["step_memory_bytes"] > 0 and figures["host_peak_rss_mib"] > 0
+
+
+def test_largest_batch_search_and_the_compiled_memory_it_uses(monkeypatch):
+  assert overview.largest_batch(lambda b: b <= 37, start=8) == 37
+  assert overview.largest_batch(lambda b: b <= 5, start=8) == 5
+  assert overview.largest_batch(lambda b: False, start=8) == 0
+  assert overview.largest_batch(lambda b: True, start=8, limit=64) == 64
+  # The CPU reports no memory limit: search against a made-up one between what
+  # batches 1 and 2 per device need (the compiled step's memory grows with the batch).
+  config = load_config("pretrain_aal3", "test")
+  config.model.size = "tiny"
+  measure = overview.step_memory
+  need = {b: measure(config, b) for b in (1, 2)}
+  assert 0 < need[1] < need[2]
+  monkeypatch.setattr(overview, "step_memory", lambda _, b: need[b])  # no compile twice
+  fits = overview.fits_in(config, limit_bytes=(need[1] + need[2]) / 2 / 0.9)
+  assert overview.largest_batch(fits, start=1) == 1

@@ -1,5 +1,7 @@
-"""Benchmarks: `python -m roi_mae_jax.bench PART [options]`.
+"""Benchmarks: `python -m roi_mae_jax.bench [PART] [options]`.
 
+    python -m roi_mae_jax.bench                    # all: every headline figure, one run
+    python -m roi_mae_jax.bench all --json=out.json
     python -m roi_mae_jax.bench masks              # mask samplers at paper scale
     python -m roi_mae_jax.bench masks --json=out.json
     python -m roi_mae_jax.bench train              # step time, tokens/s, MFU
@@ -16,7 +18,7 @@ import json
 import sys
 
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
-PARTS = {"masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train",
+PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train",
          "data": "roi_mae_jax.bench.data"}
 
 
@@ -30,6 +32,9 @@ def main(argv=None) -> int:
     part = sub.add_parser(name, help=modules[name].__doc__.splitlines()[0])
     part.add_argument("--json", default="", help="also write the figures here")
     modules[name].add_arguments(part)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    argv = ["all", *argv]  # no part named: all of them
   args = parser.parse_args(argv)
   figures = modules[args.part].run(args)
   if args.json:

@@ -17,6 +17,7 @@ import argparse
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from roi_mae_jax import config_lib
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default="", choices=["", *model_lib.DTYPES],
                       help="compute dtype (default: the config's)")
   parser.add_argument("--strategy", default="", help="mask strategy (default: the config's)")
+  parser.add_argument("--attention", default="", choices=["", "xla", "cudnn"],
+                      help="dot_product_attention implementation (cudnn: GPU, bf16)")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
 
@@ -87,23 +90,71 @@ def build(config):
   return train_step.TrainSetup.create(config, spec, sampler, mesh), spec, sampler, patch_map
 
 
-def run(args) -> dict:
+def configure(args) -> ml_collections.ConfigDict:
+  """The config file with this run's --size, --dtype, --strategy, --attention, --batch."""
   config = config_lib.load_config_file(args.config)
   config.model.size = args.size
   if args.dtype:
     config.model.dtype = args.dtype
   if args.strategy:
     config.mask.strategy = args.strategy
+  if getattr(args, "attention", ""):
+    config.model.attention = args.attention
   if args.batch:
     config.batch_size = args.batch
-  setup, spec, sampler, patch_map = build(config)
-  mesh, used = setup.mesh, setup.mesh.size
-  device = jax.devices()[0]
-  print(f"device: {device.device_kind} x{used}  model {args.size} "
-        f"({config.model.dtype})  grid {patch_map.atlas.grid.describe()}  patch "
-        f"{spec.patch_size}^3 x {spec.patch_frames}  frames {spec.window_shape[3]}  "
-        f"batch {config.batch_size}  mask {config.mask.strategy} {config.mask.ratio}")
+  return config
 
+
+def compile_step(setup: train_step.TrainSetup, state, batch) -> tuple[object, dict]:
+  """The compiled step and its compile time, XLA FLOPs and XLA memory estimate."""
+  start = time.perf_counter()
+  compiled = setup.step.lower(state, batch).compile()
+  figures = {"compile_s": time.perf_counter() - start}
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # XLA counts per device.
+  figures["xla_flops_per_step"] = float(cost.get("flops", float("nan"))) * setup.mesh.size
+  memory = compiled.memory_analysis()
+  if memory is not None:  # per device: what one step needs resident
+    figures["step_memory_bytes"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                       + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    figures["step_temp_bytes"] = int(memory.temp_size_in_bytes)
+  return compiled, figures
+
+
+def speed_figures(config, spec: model_lib.TokenSpec, sampler: masking.MaskSampler, step_s: float,
+                  devices: int, peak_size: int) -> dict:
+  """tokens/s, analytic FLOPs, achieved FLOP/s, measured matmul peak and MFU."""
+  flops = analytic_flops(spec, config.model.size, config.model.mlp_ratio, sampler.num_keep,
+                         config.batch_size)
+  peak = measure_matmul_peak(peak_size, model_lib.DTYPES[config.model.dtype]) * devices
+  return {"step_s": step_s,
+          "tokens_per_s": config.batch_size * spec.num_tokens / step_s,
+          "encoder_tokens_per_s": config.batch_size * sampler.num_keep / step_s,
+          "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
+          "peak_matmul_flops_per_s": peak, "mfu": flops / step_s / peak}
+
+
+def describe(config, setup, spec, patch_map) -> str:
+  return (f"device: {jax.devices()[0].device_kind} x{setup.mesh.size}  model "
+          f"{config.model.size} ({config.model.dtype}, attention "
+          f"{config.model.attention or 'default'})  grid {patch_map.atlas.grid.describe()}  "
+          f"patch {spec.patch_size}^3 x {spec.patch_frames}  frames {spec.window_shape[3]}  "
+          f"batch {config.batch_size}  mask {config.mask.strategy} {config.mask.ratio}")
+
+
+def print_speed(figures: dict, dtype: str) -> None:
+  print(f"tokens/s {figures['tokens_per_s']:.4g} (encoder {figures['encoder_tokens_per_s']:.4g})")
+  print(f"model FLOPs/step {figures['model_flops_per_step']:.4g} (analytic matmul); XLA counts "
+        f"{figures['xla_flops_per_step']:.4g}")
+  print(f"achieved {figures['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s; measured {dtype} matmul "
+        f"peak {figures['peak_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; MFU {figures['mfu']:.1%}")
+
+
+def run(args) -> dict:
+  config = configure(args)
+  setup, spec, sampler, patch_map = build(config)
+  print(describe(config, setup, spec, patch_map))
   box_tokens = patch_map.num_patches * spec.num_time
   print(f"tokens per window: {spec.num_tokens} brain vs {box_tokens} in the box "
         f"({1 - spec.num_tokens / box_tokens:.1%} saved); encoder sees {sampler.num_keep}")
@@ -111,13 +162,8 @@ def run(args) -> dict:
   state = setup.init()
   windows = np.random.default_rng(0).standard_normal(
       (config.batch_size,) + spec.window_shape).astype(np.float32)
-  batch = sharding.global_batch({"windows": windows}, mesh)
-  start = time.perf_counter()
-  compiled = setup.step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) * used  # XLA counts per device
+  batch = sharding.global_batch({"windows": windows}, setup.mesh)
+  compiled, figures = compile_step(setup, state, batch)
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -126,27 +172,13 @@ def run(args) -> dict:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-
-  flops = analytic_flops(spec, args.size, config.model.mlp_ratio, sampler.num_keep,
-                         config.batch_size)
-  peak_dtype = model_lib.DTYPES[config.model.dtype]
-  peak = measure_matmul_peak(args.peak_size, peak_dtype) * used
-  figures = {
-      "device": device.device_kind, "devices": used, "model": args.size,
-      "dtype": config.model.dtype, "batch": config.batch_size,
-      "compile_s": compile_s, "step_s": step_s,
-      "tokens_per_s": config.batch_size * spec.num_tokens / step_s,
-      "encoder_tokens_per_s": config.batch_size * sampler.num_keep / step_s,
-      "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,
-      "achieved_flops_per_s": flops / step_s, "peak_matmul_flops_per_s": peak,
-      "mfu": flops / step_s / peak,
-      "tokens_brain": spec.num_tokens, "tokens_box": box_tokens,
-      "loss": float(metrics["loss"]),
-  }
-  print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps})")
-  print(f"tokens/s {figures['tokens_per_s']:.4g} (encoder {figures['encoder_tokens_per_s']:.4g})")
-  print(f"model FLOPs/step {flops:.4g} (analytic matmul); XLA counts {xla_flops:.4g}")
-  print(f"achieved {flops / step_s / 1e9:.1f} GFLOP/s; measured {peak_dtype.__name__} matmul "
-        f"peak {peak / 1e9:.1f} GFLOP/s; MFU {figures['mfu']:.1%}")
+  figures.update(speed_figures(config, spec, sampler, float(np.median(times)), setup.mesh.size,
+                               args.peak_size))
+  figures.update({"device": jax.devices()[0].device_kind, "devices": setup.mesh.size,
+                  "model": config.model.size, "dtype": config.model.dtype,
+                  "batch": config.batch_size, "tokens_brain": spec.num_tokens,
+                  "tokens_box": box_tokens, "loss": float(metrics["loss"])})
+  print(f"compile {figures['compile_s']:.1f} s; step {figures['step_s'] * 1e3:.1f} ms "
+        f"(median of {args.steps})")
+  print_speed(figures, config.model.dtype)
   return figures
