@@ -80,6 +80,8 @@ def synthetic_config() -> ml_collections.ConfigDict:
       "effect_decoupling": 0.7,   # ADHD loading = coupling * (1 - this)
       "effect_amplitude": 1.6,    # ADHD amplitude factor in effect regions
       "effect_level_percent": 0.0,  # ADHD baseline shift in effect regions (% of baseline)
+      "data_seed": -1,            # the subjects' seed; -1: config.seed (runs that differ
+                                  # only in their training seed then see other subjects)
   })
 
 
@@ -144,8 +146,9 @@ class SyntheticFMRI:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, multiple_of: int = 1) -> "SyntheticFMRI":
+    seed = config.data.synthetic.get("data_seed", -1)
     return cls(atlas_lib.atlas_from_config(config, multiple_of=multiple_of),
-               config.data.synthetic, config.seed)
+               config.data.synthetic, config.seed if seed < 0 else seed)
 
   def _sigma_voxels(self) -> float:
     return self.cfg.smoothing_mm / 2.3548 / min(self.grid.voxel_size_mm)
