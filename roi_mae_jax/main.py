@@ -29,6 +29,7 @@ from roi_mae_jax import errors
 TASKS = {
     "prepare": "roi_mae_jax.prepare",
     "attribute": "roi_mae_jax.attribution",
+    "compare": "roi_mae_jax.compare",
     "finetune": "roi_mae_jax.finetune",
     "probe": "roi_mae_jax.probe",
     "pretrain": "roi_mae_jax.train",

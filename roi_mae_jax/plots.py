@@ -227,6 +227,27 @@ def reconstruction_by_region_figure(rows: Sequence[Mapping], show: int = 15) -> 
   return fig
 
 
+def compare_figure(results: Mapping) -> plt.Figure:
+  """Accuracy and AUC per strategy (mean ± std over seeds x folds), one panel per evaluation."""
+  evaluations = results["evaluations"]
+  fig, axes = plt.subplots(1, len(evaluations), figsize=(4.2 * len(evaluations), 3.6),
+                           squeeze=False)
+  for ax, (evaluation, table) in zip(axes[0], evaluations.items()):
+    strategies = list(table)
+    x = np.arange(len(strategies))
+    for k, (metric, label) in enumerate((("accuracy", "accuracy"), ("roc_auc", "AUC"))):
+      means = [table[s][metric]["mean"] for s in strategies]
+      stds = [table[s][metric]["std"] for s in strategies]
+      ax.bar(x + (k - 0.5) * 0.38, means, 0.36, yerr=stds, capsize=3, label=label)
+    ax.axhline(0.5, color="0.6", linestyle="--", linewidth=0.8)
+    ax.set_xticks(x, strategies)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{evaluation} (baseline {results['baseline']})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return fig
+
+
 def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
   """Masked-token loss (log scale) and learning rate against step."""
   steps = [r["step"] for r in records]

@@ -1,0 +1,284 @@
+r"""Task `compare`: masking strategies head to head, as in the paper.
+
+    python -m roi_mae_jax.main --config=configs/compare_masking.py --workdir=runs/compare
+    python -m roi_mae_jax.main --config=configs/compare_masking.py --workdir=runs/compare \
+        --config.strategies=roi,random,tube,roi_time --config.seeds=0,1,2
+
+For each strategy and seed: pretrain (`config.pretrain`, its seed and masking
+replaced), probe the frozen encoder (`config.probe`) on subject splits that are
+the same for every run, optionally fine-tune (`config.finetune`) and attribute
+(`config.attribute`: attribution by system and reconstruction by region).
+Each run lives in WORKDIR/runs/<strategy>/seed<s>/{pretrain,probe,...}; a
+finished step is reused when the command is repeated, an interrupted
+pretraining resumes from its checkpoint. The synthetic subjects depend on
+`data_seed` only, so every run sees the same subjects.
+
+Writes WORKDIR/compare_results.json, compare_table.md and compare.png:
+accuracy and AUC per strategy (mean, std over seeds x folds), paired
+differences against `baseline` (default random) with a 95% interval and
+p-value (corrected resampled t-test, see comparison_stats), and per strategy
+reconstruction by region and attribution by system.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from roi_mae_jax import comparison_stats
+from roi_mae_jax import config_lib
+from roi_mae_jax import errors
+from roi_mae_jax import metrics as metrics_lib
+from roi_mae_jax import outputs
+from roi_mae_jax import plots
+
+REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
+OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
+RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute")
+METRICS = {"accuracy": "accuracy", "roc_auc": "AUC"}
+
+# Strategy name -> settings of the pretraining config it changes.
+VARIANTS = {
+    "roi": {"mask.strategy": "roi"},
+    "random": {"mask.strategy": "random"},
+    "tube": {"mask.strategy": "tube"},
+    "roi_time": {"mask.strategy": "roi_time"},
+}
+
+
+def _names(text: str, what: str) -> list[str]:
+  names = [n.strip() for n in str(text).split(",") if n.strip()]
+  if not names or len(set(names)) != len(names):
+    raise errors.InputError(f"config.{what} must be a comma-separated list without repeats, "
+                            f"got {text!r}")
+  return names
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def plan_runs(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+  """(strategy, seed) pairs in the order they run; checks names first."""
+  strategies = _names(config.strategies, "strategies")
+  unknown = [s for s in strategies if s not in VARIANTS]
+  if unknown:
+    raise errors.InputError(f"unknown strategies {', '.join(unknown)}; known: "
+                            f"{', '.join(VARIANTS)}")
+  if config.baseline not in strategies:
+    raise errors.InputError(f"config.baseline={config.baseline!r} is not among the "
+                            f"strategies {', '.join(strategies)}")
+  try:
+    seeds = [int(s) for s in _names(config.seeds, "seeds")]
+  except ValueError:
+    raise errors.InputError(f"config.seeds must list integers, got {config.seeds!r}") from None
+  return [(strategy, seed) for seed in seeds for strategy in strategies]
+
+
+def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
+                    seed: int) -> ml_collections.ConfigDict:
+  run = ml_collections.ConfigDict(config.pretrain.to_dict())
+  run.seed = seed
+  run.data.synthetic.data_seed = int(config.data_seed)  # the same subjects in every run
+  for key, value in VARIANTS[strategy].items():
+    _set(run, key, value)
+  return run
+
+
+def _downstream(block: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
+  run = ml_collections.ConfigDict(block.to_dict())
+  run.checkpoint = checkpoint
+  return run
+
+
+def _pretrain_finished(workdir: str, total_steps: int) -> bool:
+  path = os.path.join(workdir, "pretrain_summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("steps") == total_steps
+
+
+def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, object, str]]:
+  """(name, config, done-marker file) of one run's tasks, in order."""
+  base = os.path.join(root, "runs", strategy, f"seed{seed}")
+  pretrain_dir = os.path.join(base, "pretrain")
+  steps = [("pretrain", pretrain_config(config, strategy, seed), "pretrain_summary.json"),
+           ("probe", _downstream(config.probe, pretrain_dir), "probe_results.json")]
+  if config.get("run_finetune"):
+    steps.append(("finetune", _downstream(config.finetune, pretrain_dir),
+                  "finetune_results.json"))
+  if config.get("run_attribute"):
+    steps.append(("attribute", _downstream(config.attribute, pretrain_dir),
+                  "attribution_summary.json"))
+  return [(name, cfg, os.path.join(base, name), marker) for name, cfg, marker in steps]
+
+
+def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or reuses) every step; returns {(strategy, seed): {step: its workdir}}."""
+  from roi_mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+
+  runs = plan_runs(config)
+  done = {}
+  start, finished_runs = time.time(), 0
+  for n, (strategy, seed) in enumerate(runs, start=1):
+    dirs = {}
+    for name, cfg, step_dir, marker in _steps(config, strategy, seed, workdir):
+      dirs[name] = step_dir
+      complete = (_pretrain_finished(step_dir, int(cfg.total_steps)) if name == "pretrain"
+                  else os.path.exists(os.path.join(step_dir, marker)))
+      if complete:
+        logging.info("run %d/%d (%s, seed %d): %s reused from %s", n, len(runs), strategy,
+                     seed, name, step_dir)
+        continue
+      logging.info("run %d/%d (%s, seed %d): %s in %s", n, len(runs), strategy, seed, name,
+                   step_dir)
+      main_lib.run_task(cfg, step_dir)
+    done[(strategy, seed)] = dirs
+    finished_runs += 1
+    elapsed = time.time() - start
+    logging.info("compare: %d/%d runs done, %s elapsed, eta %s", n, len(runs),
+                 metrics_lib.duration(elapsed),
+                 metrics_lib.duration(elapsed / finished_runs * (len(runs) - n)))
+  return done
+
+
+def _split_scores(results_path: str, key: str) -> dict[str, dict[str, float]]:
+  """metric -> {split name: value} of one scheme in a probe/finetune results file."""
+  with open(results_path, encoding="utf-8") as f:
+    splits = json.load(f)["splits"].get(key, [])
+  return {m: {s["split"]: float(s[m]) for s in splits} for m in METRICS}
+
+
+def _read_csv(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return list(csv.DictReader(f))
+
+
+def _region_summary(paths: list[str]) -> dict:
+  """Reconstruction by region, averaged over seeds: overall, per system, best/worst."""
+  per_region, per_system = {}, {}
+  for path in paths:
+    for row in _read_csv(path):
+      per_region.setdefault(row["name"], []).append(float(row["mse"]))
+      per_system.setdefault(row["system"], []).append(float(row["mse"]))
+  if not per_region:
+    return {}
+  means = sorted((float(np.mean(v)), name) for name, v in per_region.items())
+  return {"mean_mse": float(np.mean([m for m, _ in means])),
+          "best": [name for _, name in means[:3]], "worst": [name for _, name in means[-3:]],
+          "system_mse": {s: float(np.mean(v)) for s, v in sorted(per_system.items())}}
+
+
+def _attribution_summary(paths: list[str]) -> dict:
+  """Attribution contrast per system, averaged over seeds, strongest first."""
+  per_system = {}
+  for path in paths:
+    for row in _read_csv(path):
+      if row["level"] == "system":
+        per_system.setdefault(row["name"], []).append(float(row["contrast"]))
+  ranked = sorted(((float(np.mean(v)), s) for s, v in per_system.items()), reverse=True)
+  return {"system_contrast": {s: c for c, s in ranked}, "top_systems": [s for _, s in ranked[:3]]}
+
+
+def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
+  """The comparison: per-strategy scores, paired differences, region summaries."""
+  strategies = _names(config.strategies, "strategies")
+  folds = int(config.probe.folds)
+  evaluations = {"probe": ("probe_results.json", "kfold")}
+  if config.get("run_finetune"):
+    evaluations["finetune"] = ("finetune_results.json", "kfold")
+  results = {"strategies": strategies, "seeds": [int(s) for s in _names(config.seeds, "seeds")],
+             "baseline": config.baseline, "folds": folds, "evaluations": {}}
+  for evaluation, (filename, scheme) in evaluations.items():
+    scores = {s: {m: {} for m in METRICS} for s in strategies}
+    for (strategy, seed), dirs in done.items():
+      per_metric = _split_scores(os.path.join(dirs[evaluation], filename), scheme)
+      for metric, by_split in per_metric.items():
+        scores[strategy][metric].update({(seed, split): v for split, v in by_split.items()})
+    table = {}
+    for strategy in strategies:
+      row = {m: comparison_stats.describe(scores[strategy][m]) for m in METRICS}
+      if strategy != config.baseline:
+        row["vs_baseline"] = {m: comparison_stats.paired_difference(
+            scores[strategy][m], scores[config.baseline][m], test_fraction=1 / folds)
+                              for m in METRICS}
+      table[strategy] = row
+    results["evaluations"][evaluation] = table
+  if config.get("run_attribute"):
+    for strategy in strategies:
+      dirs = [d["attribute"] for (s, _), d in sorted(done.items()) if s == strategy]
+      results.setdefault("reconstruction_by_region", {})[strategy] = _region_summary(
+          [os.path.join(d, "reconstruction_by_region.csv") for d in dirs])
+      results.setdefault("attribution_by_system", {})[strategy] = _attribution_summary(
+          [os.path.join(d, "attribution_groups.csv") for d in dirs])
+  return results
+
+
+def _cell(summary: dict) -> str:
+  return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _difference(d: dict) -> str:
+  return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p = {d['p']:.3g}"
+
+
+def markdown(results: dict) -> str:
+  """compare_table.md."""
+  baseline, lines = results["baseline"], []
+  for evaluation, table in results["evaluations"].items():
+    n = next(iter(table.values()))["roc_auc"]["n"]
+    lines += [f"### {evaluation}: ADHD vs control, {len(results['seeds'])} seeds x "
+              f"{results['folds']}-fold ({n} paired scores per strategy)", "",
+              "| strategy | accuracy | AUC | accuracy - " + baseline + " (95% CI, p) | AUC - "
+              + baseline + " (95% CI, p) |", "|---|---|---|---|---|"]
+    for strategy, row in table.items():
+      diffs = ([_difference(row["vs_baseline"][m]) for m in METRICS] if "vs_baseline" in row
+               else ["(baseline)", "(baseline)"])
+      lines.append(f"| {strategy} | {_cell(row['accuracy'])} | {_cell(row['roc_auc'])} | "
+                   + " | ".join(diffs) + " |")
+    lines.append("")
+  lines.append("Mean ± std over seeds x folds. Differences are paired over (seed, fold); "
+               "interval and p from the Nadeau-Bengio corrected resampled t-test (folds share "
+               "training subjects).")
+  if results.get("reconstruction_by_region"):
+    lines += ["", "### reconstruction by region and attribution by system", "",
+              "| strategy | mean region MSE | best regions | worst regions | top systems "
+              "(attribution contrast) |", "|---|---|---|---|---|"]
+    for strategy in results["strategies"]:
+      rec = results["reconstruction_by_region"].get(strategy, {})
+      att = results["attribution_by_system"].get(strategy, {})
+      lines.append(f"| {strategy} | {rec.get('mean_mse', float('nan')):.3f} | "
+                   f"{', '.join(rec.get('best', []))} | {', '.join(rec.get('worst', []))} | "
+                   f"{', '.join(att.get('top_systems', []))} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  plan_runs(config)  # bad names fail before any work
+  config_lib.require(config.pretrain, ("total_steps", "mask.strategy"), "compare (pretrain)")
+  # Finished runs are reused only under the same task settings; more strategies,
+  # seeds or evaluations may be added to a comparison.
+  outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES,
+                       hint=" (or add strategies/seeds to this one)")
+  done = run_all(config, workdir)
+  results = summarise(config, done)
+  paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, overwrite=True)))
+  outputs.write_json(paths["compare_results.json"], results)
+  table = markdown(results)
+  with open(paths["compare_table.md"], "w", encoding="utf-8") as f:
+    f.write(table)
+  plots.save(plots.compare_figure(results), paths["compare.png"])
+  logging.info("comparison:\n%s", table)

@@ -1,0 +1,90 @@
+"""task compare: strategies x seeds -> pretrain, probe, attribute; paired statistics."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import load_config
+from roi_mae_jax import compare
+from roi_mae_jax import comparison_stats
+from roi_mae_jax import errors
+from roi_mae_jax import main as main_lib
+
+
+def test_paired_difference_is_the_corrected_t_test():
+  rng = np.random.default_rng(0)
+  keys = [(seed, f"fold{k}") for seed in range(3) for k in range(5)]
+  a = {k: 0.7 + 0.05 * rng.standard_normal() for k in keys}
+  b = {k: a[k] - 0.03 + 0.02 * rng.standard_normal() for k in keys}
+  b[(9, "only in b")] = 0.1  # unpaired: ignored
+  plain = comparison_stats.paired_difference(a, b, test_fraction=0)
+  reference = stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys])
+  assert plain["n"] == 15 and plain["p"] == pytest.approx(reference.pvalue)
+  corrected = comparison_stats.paired_difference(a, b, test_fraction=0.2)
+  assert corrected["mean"] == pytest.approx(plain["mean"]) and corrected["p"] > plain["p"]
+  # (1/J + 1/4) / (1/J) = 4.75 times the variance: the interval is sqrt(4.75) wider.
+  width = lambda d: d["ci_high"] - d["ci_low"]
+  assert width(corrected) / width(plain) == pytest.approx(np.sqrt(1 + 15 / 4))
+  same = comparison_stats.paired_difference({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6}, 0.2)
+  assert same["mean"] == 0 and same["p"] == 1.0
+  summary = comparison_stats.describe({1: 0.5, 2: 0.7, 3: float("nan")})
+  assert summary == {"mean": pytest.approx(0.6), "std": pytest.approx(np.sqrt(0.02)), "n": 2}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("strategies", "roi,nope", "unknown strategies nope"),
+    ("strategies", "roi,roi", "without repeats"),
+    ("baseline", "tube", "baseline='tube' is not among"),
+    ("seeds", "0,x", "must list integers"),
+])
+def test_bad_comparisons_are_refused_before_any_work(tmp_path, field, value, message):
+  config = load_config("compare_masking", "test")
+  config[field] = value
+  with pytest.raises(errors.InputError, match=message):
+    main_lib.run_task(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
+  config = load_config("compare_masking", "test")
+  config.seeds = "0"
+  main_lib.run_task(config, str(tmp_path))
+  results = json.loads((tmp_path / "compare_results.json").read_text())
+  probe = results["evaluations"]["probe"]
+  assert results["strategies"] == ["roi", "random"] and sorted(probe) == ["random", "roi"]
+  for strategy in probe:
+    assert probe[strategy]["roc_auc"]["n"] == 3  # one seed x 3 folds
+    assert 0 <= probe[strategy]["accuracy"]["mean"] <= 1
+  diff = probe["roi"]["vs_baseline"]["roc_auc"]
+  assert diff["n"] == 3 and diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
+  assert "vs_baseline" not in probe["random"]
+  # Both strategies were probed on the same subjects and the same splits.
+  splits = {}
+  for strategy in ("roi", "random"):
+    with open(tmp_path / "runs" / strategy / "seed0" / "probe" / "probe_results.json") as f:
+      probed = json.load(f)
+    splits[strategy] = ([s["split"] for s in probed["splits"]["kfold"]],
+                        probed["meta"]["subjects"])
+  assert splits["roi"] == splits["random"]
+  masks = [json.loads((tmp_path / "runs" / s / "seed0" / "pretrain" / "pretrain_summary.json")
+                      .read_text())["mask_strategy"] for s in ("roi", "random")]
+  assert masks == ["roi", "random"]
+  assert set(results["reconstruction_by_region"]["roi"]["system_mse"]) >= {"limbic", "cerebellum"}
+  assert results["attribution_by_system"]["random"]["top_systems"]
+  table = (tmp_path / "compare_table.md").read_text()
+  assert "| roi |" in table and "(baseline)" in table and "p = " in table
+  assert (tmp_path / "compare.png").stat().st_size > 0
+
+  # Repeated: every finished run is reused, the summary written again.
+  stamps = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")}
+  main_lib.run_task(config, str(tmp_path))
+  assert all(p.stat().st_mtime == t for p, t in stamps.items())
+  assert json.loads((tmp_path / "compare_results.json").read_text()) == results
+  # Other pretraining settings in the same workdir would mix two experiments.
+  config.pretrain.total_steps = 7
+  with pytest.raises(errors.InputError, match="different settings"):
+    main_lib.run_task(config, str(tmp_path))
