@@ -37,6 +37,7 @@ from roi_mae_jax import errors
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
+from roi_mae_jax import tasks
 
 REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
 OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
@@ -126,8 +127,6 @@ def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, objec
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or reuses) every step; returns {(strategy, seed): {step: its workdir}}."""
-  from roi_mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-
   runs = plan_runs(config)
   done = {}
   start, finished_runs = time.time(), 0
@@ -143,7 +142,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
         continue
       logging.info("run %d/%d (%s, seed %d): %s in %s", n, len(runs), strategy, seed, name,
                    step_dir)
-      main_lib.run_task(cfg, step_dir)
+      tasks.run_task(cfg, step_dir)
     done[(strategy, seed)] = dirs
     finished_runs += 1
     elapsed = time.time() - start

@@ -4,37 +4,22 @@ r"""The one entry point: `config.task` picks the job.
     python -m roi_mae_jax.main --config=configs/show_masks.py:paper \
         --workdir=runs/masks_paper --config.mask.ratio=0.75
 
-Each task module exposes `REQUIRED_KEYS` (dotted config keys) and
-`run(config, workdir)`. Bad input (an unknown task, a missing key, a bad file)
+The tasks are listed in tasks.py. Bad input (an unknown task, a missing key, a bad file)
 is printed as one line and the process exits with status 2; a run that has
 to stop (a non-finite loss) exits with status 1.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
 from ml_collections import config_flags
 
-from roi_mae_jax import config_lib
 from roi_mae_jax import errors
-
-# Task name -> module; imported only when chosen, so the CLI starts fast.
-TASKS = {
-    "prepare": "roi_mae_jax.prepare",
-    "attribute": "roi_mae_jax.attribution",
-    "compare": "roi_mae_jax.compare",
-    "finetune": "roi_mae_jax.finetune",
-    "probe": "roi_mae_jax.probe",
-    "pretrain": "roi_mae_jax.train",
-    "show_masks": "roi_mae_jax.show_masks",
-}
+from roi_mae_jax import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/show_masks.py[:arg].",
@@ -51,18 +36,6 @@ class _LibraryChatter:
     return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
 
 
-def run_task(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks `config` for its task and runs it; raises `InputError`."""
-  task = config.get("task")
-  if task not in TASKS:
-    raise errors.InputError(
-        f"unknown task {task!r}; config.task must be one of: {', '.join(sorted(TASKS))}")
-  module = importlib.import_module(TASKS[task])
-  config_lib.require(config, module.REQUIRED_KEYS, task)
-  os.makedirs(workdir, exist_ok=True)
-  module.run(config, workdir)
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -72,7 +45,7 @@ def main(argv) -> None:
     raise app.UsageError("--workdir=DIR is required")
   logging.get_absl_handler().addFilter(_LibraryChatter())
   try:
-    run_task(_CONFIG.value, _WORKDIR.value)
+    tasks.run_task(_CONFIG.value, _WORKDIR.value)
   except errors.InputError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)

@@ -85,16 +85,16 @@ def athena_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_dir(athena_dir, tmp_path_factory):
   """`athena_dir` prepared on the `:test` grid (8 mm, 20x24x24)."""
-  from roi_mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("prepared")
-  main_lib.run_task(prepare_config(athena_dir), str(workdir))
+  tasks.run_task(prepare_config(athena_dir), str(workdir))
   return workdir
 
 
 @pytest.fixture(scope="session")
 def pretrained_dir(tmp_path_factory):
   """A `pretrain_aal3.py:test` run (6 steps, tiny model, 8 mm grid, synthetic data)."""
-  from roi_mae_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("pretrained")
-  main_lib.run_task(load_config("pretrain_aal3", "test"), str(workdir))
+  tasks.run_task(load_config("pretrain_aal3", "test"), str(workdir))
   return workdir

@@ -13,7 +13,7 @@ from conftest import load_config
 from roi_mae_jax import classifier
 from roi_mae_jax import errors
 from roi_mae_jax import integrated_gradients as ig
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import pretrained as pretrained_lib
 
 
@@ -52,7 +52,7 @@ def trained_dir(tmp_path_factory):
   config.update(total_steps=100, log_every=50, checkpoint_every=100)
   config.data.synthetic.update(num_subjects=48, effect_level_percent=3.0)
   workdir = tmp_path_factory.mktemp("trained")
-  main_lib.run_task(config, str(workdir))
+  tasks.run_task(config, str(workdir))
   return workdir
 
 
@@ -60,7 +60,7 @@ def trained_dir(tmp_path_factory):
 def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
   config = load_config("attribute", "test")
   config.checkpoint = str(trained_dir)
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   with open(tmp_path / "attribution_regions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   ranked = [r for r in rows if r["rank"]]
@@ -97,7 +97,7 @@ def test_bad_baseline_is_refused_before_work(tmp_path):
   config = load_config("attribute", "test")
   config.update(checkpoint="/nowhere", baseline="noise")
   with pytest.raises(errors.InputError, match="baseline must be one of"):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
 
 
 def test_reconstruction_by_region_equals_dropping_the_region(pretrained_dir):

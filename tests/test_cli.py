@@ -10,7 +10,7 @@ import pytest
 
 from configs import show_masks
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax.bench import __main__ as bench_main
 from roi_mae_jax.bench import overview
 from tests.conftest import REPO, load_config
@@ -51,7 +51,7 @@ def test_unknown_task_is_one_line_on_stderr(tmp_path):
   assert done.returncode == 2
   lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
   assert lines == ["error: unknown task 'pretrainn'; config.task must be one of: attribute, "
-                   "finetune, prepare, pretrain, probe, show_masks"]
+                   "compare, finetune, prepare, pretrain, probe, show_masks"]
   assert "Traceback" not in done.stderr
 
 
@@ -59,7 +59,7 @@ def test_missing_required_keys_are_named(tmp_path):
   config = ml_collections.ConfigDict({"task": "show_masks", "seed": 0, "frames": 4,
                                       "mask": {"ratio": 0.5}})
   with pytest.raises(errors.InputError) as info:
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
   message = str(info.value)
   assert "\n" not in message
   for key in ("grid.voxel_size_mm", "patches.size", "show.strategies"):

@@ -11,7 +11,7 @@ from conftest import load_config
 from roi_mae_jax import compare
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 
 
 def test_paired_difference_is_the_corrected_t_test():
@@ -44,7 +44,7 @@ def test_bad_comparisons_are_refused_before_any_work(tmp_path, field, value, mes
   config = load_config("compare_masking", "test")
   config[field] = value
   with pytest.raises(errors.InputError, match=message):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "runs")
 
 
@@ -52,7 +52,7 @@ def test_bad_comparisons_are_refused_before_any_work(tmp_path, field, value, mes
 def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   config = load_config("compare_masking", "test")
   config.seeds = "0"
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "compare_results.json").read_text())
   probe = results["evaluations"]["probe"]
   assert results["strategies"] == ["roi", "random"] and sorted(probe) == ["random", "roi"]
@@ -81,10 +81,10 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
 
   # Repeated: every finished run is reused, the summary written again.
   stamps = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")}
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   assert all(p.stat().st_mtime == t for p, t in stamps.items())
   assert json.loads((tmp_path / "compare_results.json").read_text()) == results
   # Other pretraining settings in the same workdir would mix two experiments.
   config.pretrain.total_steps = 7
   with pytest.raises(errors.InputError, match="different settings"):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))

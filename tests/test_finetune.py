@@ -9,7 +9,7 @@ import pytest
 from conftest import load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import pretrained as pretrained_lib
 
 
@@ -17,7 +17,7 @@ from roi_mae_jax import pretrained as pretrained_lib
 def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
   config = load_config("finetune", "test")
   config.update(checkpoint=str(pretrained_dir), mode=mode, schemes="kfold")
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "finetune_results.json").read_text())
   assert results["kfold"]["roc_auc"]["n"] == 3 and results["meta"]["subjects"] == 24
   assert f"| kfold | {mode} |" in (tmp_path / "finetune_table.md").read_text()
@@ -40,7 +40,7 @@ def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
     attribute.update(checkpoint=str(pretrained_dir), classifier=str(tmp_path),
                      reconstruction_windows=0, max_windows=1, ig_steps=8)
     attribute.data.synthetic_subjects = 24
-    main_lib.run_task(attribute, str(tmp_path / "attribution"))
+    tasks.run_task(attribute, str(tmp_path / "attribution"))
     summary = json.loads((tmp_path / "attribution" / "attribution_summary.json").read_text())
     assert summary["classifier"]["kind"] == "fine-tuned" and summary["subjects"] == 24
     assert summary["completeness"]["relative_median"] < 0.05
@@ -50,4 +50,4 @@ def test_bad_mode_is_an_input_error(tmp_path):
   config = load_config("finetune", "test")
   config.update(mode="partial", checkpoint="/nowhere")
   with pytest.raises(errors.InputError, match="mode must be one of"):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))

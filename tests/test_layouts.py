@@ -8,7 +8,7 @@ import pytest
 
 from conftest import prepare_config
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import shards
 
@@ -64,7 +64,7 @@ def test_manifest_prepares_with_given_tr(scan_files, tmp_path):
   manifest.write_text(f"path,subject,site,label,tr\n{relative},s1,X,1,2.5\n"
                       f"{scan_files[1]},s2,Y,,\n{scan_files[2]},s1,X,0,\n")
   workdir = tmp_path / "out"
-  main_lib.run_task(prepare_config(tmp_path, source="manifest", manifest=str(manifest)),
+  tasks.run_task(prepare_config(tmp_path, source="manifest", manifest=str(manifest)),
                     str(workdir))
   rows = {r["scan"]: r for r in shards.PreparedDataset(str(workdir)).rows}
   assert set(rows) == {"s1", "s2", "s1_2"}

@@ -15,7 +15,7 @@ from nibabel.testing import data_path as nibabel_data
 
 from conftest import REPO, prepare_config
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import prepare
 from roi_mae_jax.data import shards
 
@@ -115,7 +115,7 @@ def bad_layout(athena_dir, tmp_path_factory):
 
 def test_bad_scans_are_reported_and_the_rest_prepared(bad_layout, tmp_path):
   workdir = tmp_path / "out"
-  main_lib.run_task(prepare_config(bad_layout), str(workdir))
+  tasks.run_task(prepare_config(bad_layout), str(workdir))
   report = {r["subject"]: r for r in prepare.read_report(str(workdir))}
   expected = {
       "2000001": "corrupt or truncated gzip",
@@ -149,7 +149,7 @@ def test_nothing_usable_is_an_input_error(bad_layout, tmp_path):
   root = tmp_path / "only_bad"
   shutil.copytree(bad_layout / "NYU" / "2000002", root / "NYU" / "2000002")
   with pytest.raises(errors.InputError, match="no usable scan"):
-    main_lib.run_task(prepare_config(root), str(tmp_path / "out"))
+    tasks.run_task(prepare_config(root), str(tmp_path / "out"))
   assert "single 3D volume" in prepare.read_report(str(tmp_path / "out"))[0]["reason"]
 
 
@@ -167,7 +167,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(athena_dir, prepared_dir
   assert len(list((workdir / "shards").glob("*.json"))) == 3
   assert not (workdir / shards.INDEX_FILE).exists()
   (workdir / "shards" / "KKI_leftover.array_record.tmp").write_bytes(b"cut off")
-  main_lib.run_task(prepare_config(athena_dir, workers=2), str(workdir))  # processes
+  tasks.run_task(prepare_config(athena_dir, workers=2), str(workdir))  # processes
   report = prepare.read_report(str(workdir))
   assert sum("earlier run" in r["reason"] for r in report) == 3
   assert (workdir / shards.INDEX_FILE).read_text() == (prepared_dir / shards.INDEX_FILE).read_text()
@@ -181,12 +181,12 @@ def test_other_settings_are_refused_unless_overwrite(athena_dir, tmp_path):
   for path in sorted(athena_dir.glob("NYU/*"))[:2]:
     shutil.copytree(path, root / "NYU" / path.name)
   workdir = str(tmp_path / "out")
-  main_lib.run_task(prepare_config(root), workdir)
+  tasks.run_task(prepare_config(root), workdir)
   before = _index(workdir)
   with pytest.raises(errors.InputError, match="different settings"):
-    main_lib.run_task(prepare_config(root, normalise="voxel"), workdir)
+    tasks.run_task(prepare_config(root, normalise="voxel"), workdir)
   assert _index(workdir) == before
-  main_lib.run_task(prepare_config(root, normalise="voxel", overwrite=True), workdir)
+  tasks.run_task(prepare_config(root, normalise="voxel", overwrite=True), workdir)
   assert shards.read_info(workdir).normalise == "voxel"
   data = shards.PreparedDataset(workdir)
   run = data.frames(0, 0, data.rows[0]["frames"])

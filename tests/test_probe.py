@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config
 from roi_mae_jax import errors
 from roi_mae_jax import linear_probe
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import splits as splits_lib
 
@@ -75,7 +75,7 @@ def test_pooling_by_region(pretrained_dir):
 def test_probe_task_on_synthetic_subjects_beats_chance(pretrained_dir, tmp_path):
   config = load_config("probe", "test")
   config.checkpoint = str(pretrained_dir)
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "probe_results.json").read_text())
   assert set(results) >= {"kfold", "kfold_jax", "loso", "loso_jax", "meta"}
   assert results["meta"]["subjects"] == 48
@@ -85,14 +85,14 @@ def test_probe_task_on_synthetic_subjects_beats_chance(pretrained_dir, tmp_path)
   assert "| kfold | sklearn |" in table and "±" in table
   assert (tmp_path / "probe_roc.png").stat().st_size > 10_000
   with pytest.raises(errors.InputError, match="already exist"):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
 
 
 def test_probe_on_prepared_shards_uses_their_sites(pretrained_dir, prepared_dir, tmp_path):
   config = load_config("probe", "test")
   config.update(checkpoint=str(pretrained_dir), jax_probe=False)
   config.data.shards = str(prepared_dir)
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "probe_results.json").read_text())
   assert results["meta"]["sites"] == ["NYU", "OHSU", "Pittsburgh"]
   assert [s["split"] for s in results["splits"]["loso"]] == [

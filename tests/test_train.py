@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import errors
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
@@ -172,7 +172,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config.checkpoint_every = 1
   config.log_every = 1
   with pytest.raises(errors.TrainingError, match=r"not finite at step (\d+)") as info:
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
   bad = int(re.search(r"not finite at step (\d+)", str(info.value)).group(1))
   steps = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps()
   assert steps and max(steps) < bad
@@ -198,7 +198,7 @@ def _tensorboard_scalars(folder):
 def test_resume_refuses_a_workdir_of_another_run(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.total_steps = 2
-  main_lib.run_task(config, str(tmp_path))
+  tasks.run_task(config, str(tmp_path))
   summary = json.loads((tmp_path / "pretrain_summary.json").read_text())
   assert summary["steps"] == 2 and summary["tokens_per_window"] > 0
   records = metrics_lib.read_metrics(str(tmp_path))
@@ -209,18 +209,18 @@ def test_resume_refuses_a_workdir_of_another_run(tmp_path):
       (2, pytest.approx(records[0]["loss"]))]
   config.mask.ratio = 0.75
   with pytest.raises(errors.InputError, match="mask"):
-    main_lib.run_task(config, str(tmp_path))
+    tasks.run_task(config, str(tmp_path))
 
 
 def test_shards_and_bad_mesh_are_input_errors(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.data.shards = "/nowhere"
   with pytest.raises(errors.InputError, match="/nowhere is not a prepared dataset"):
-    main_lib.run_task(config, str(tmp_path / "a"))
+    tasks.run_task(config, str(tmp_path / "a"))
   config = load_config("pretrain_aal3", "test")
   config.mesh.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(errors.InputError, match="batch_size 8 must be a multiple"):
-    main_lib.run_task(config, str(tmp_path / "b"))
+    tasks.run_task(config, str(tmp_path / "b"))
 
 
 def test_random_config_differs_only_in_strategy():

@@ -26,7 +26,7 @@ import numpy as np
 
 from roi_mae_jax import atlas as atlas_lib
 from roi_mae_jax import config_lib
-from roi_mae_jax import main as main_lib
+from roi_mae_jax import tasks
 from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax.bench import train as bench_train
@@ -65,7 +65,7 @@ def _prepare(args, input_dir: str, workdir: str) -> dict:
   config = config_lib.load_config_file(args.prepare_config)
   config.input_dir, config.workers = input_dir, args.workers
   start = time.perf_counter()
-  main_lib.run_task(config, workdir)
+  tasks.run_task(config, workdir)
   seconds = time.perf_counter() - start
   report = prepare.read_report(workdir)
   used = sum(r["status"] == "used" for r in report)
