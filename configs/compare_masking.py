@@ -25,17 +25,23 @@ from configs import attribute as attribute_config
 from configs import finetune as finetune_config
 from configs import pretrain_aal3
 from configs import probe as probe_config
+from roi_mae_jax import region_objectives
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "compare"
-  config.strategies = "roi,random"     # also: tube, roi_time
+  config.strategies = "roi,random"     # also: tube, roi_time, roi_weighted, roi_adaptive
   config.seeds = "0,1"                 # pretraining seeds; each pairs with the same splits
   config.baseline = "random"           # differences are strategy - baseline
   config.data_seed = 0                 # the synthetic subjects, the same in every run
   config.run_finetune = False
   config.run_attribute = True          # attribution by system + reconstruction by region
+  # Loss weights of the `roi_weighted` strategy (region_objectives), e.g. limbic
+  # and subcortical regions counting twice; set your own per system or region.
+  config.weighted_loss = region_objectives.loss_config()
+  for system in ("limbic", "basal_ganglia", "thalamus"):
+    config.weighted_loss.system_weights[system] = 2.0
   config.pretrain = pretrain_aal3.get_config("adhd200" if arg == "adhd200" else "")
   config.probe = probe_config.get_config()
   config.finetune = finetune_config.get_config()

@@ -16,6 +16,7 @@ import ml_collections
 from roi_mae_jax import config_lib
 from roi_mae_jax import distributed
 from roi_mae_jax import model as model_lib
+from roi_mae_jax import region_objectives
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 from roi_mae_jax.data import synthetic
@@ -33,6 +34,7 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
   config.patches = config_lib.patches(size=4, frames=2)
   config.mask = config_lib.mask(strategy=strategy, ratio=0.5)
   config.model = model_lib.model_config("tiny")
+  config.loss = region_objectives.loss_config()  # region-weighted reconstruction loss
   config.optim = train_step.optim_config()
   config.optim.learning_rate = 2e-3
   config.mesh = sharding.mesh_config(data=-1, fsdp=1, tensor=1)

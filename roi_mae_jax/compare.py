@@ -3,6 +3,9 @@ r"""Task `compare`: masking strategies head to head, as in the paper.
     python -m roi_mae_jax.main --config=configs/compare_masking.py --workdir=runs/compare
     python -m roi_mae_jax.main --config=configs/compare_masking.py --workdir=runs/compare \
         --config.strategies=roi,random,tube,roi_time --config.seeds=0,1,2
+    # the paper's future work: region-weighted loss, adaptive region masking
+    python -m roi_mae_jax.main --config=configs/compare_masking.py --workdir=runs/compare \
+        --config.strategies=roi,random,roi_weighted,roi_adaptive
 
 For each strategy and seed: pretrain (`config.pretrain`, its seed and masking
 replaced), probe the frozen encoder (`config.probe`) on subject splits that are
@@ -44,12 +47,16 @@ OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
 RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute")
 METRICS = {"accuracy": "accuracy", "roc_auc": "AUC"}
 
-# Strategy name -> settings of the pretraining config it changes.
+# Strategy name -> settings of the pretraining config it changes. The last two
+# are the paper's future work (region_objectives): `roi_weighted` takes its loss
+# weights from config.weighted_loss.
 VARIANTS = {
     "roi": {"mask.strategy": "roi"},
     "random": {"mask.strategy": "random"},
     "tube": {"mask.strategy": "tube"},
     "roi_time": {"mask.strategy": "roi_time"},
+    "roi_weighted": {"mask.strategy": "roi"},
+    "roi_adaptive": {"mask.strategy": "roi", "mask.adaptive": True},
 }
 
 
@@ -93,6 +100,8 @@ def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
   run.data.synthetic.data_seed = int(config.data_seed)  # the same subjects in every run
   for key, value in VARIANTS[strategy].items():
     _set(run, key, value)
+  if strategy == "roi_weighted":
+    run.loss = ml_collections.ConfigDict(config.weighted_loss.to_dict())
   return run
 
 

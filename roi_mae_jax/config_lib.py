@@ -47,12 +47,16 @@ def mask(strategy: str = "roi", ratio: float = 0.5) -> ml_collections.ConfigDict
   """Mask strategy, ratio and region draw weights.
 
   `system_weights.<system>` multiplies the draw weight of every region of that
-  system; `region_weights` is 'NAME=W,PATTERN*=W' over region names.
+  system; `region_weights` is 'NAME=W,PATTERN*=W' over region names. `adaptive`
+  also multiplies each region's weight by its tracked reconstruction error
+  (region_objectives).
   """
   return ml_collections.ConfigDict({
       "strategy": strategy, "ratio": float(ratio),
       "system_weights": {s: 1.0 for s in atlas_lib.SYSTEMS},
-      "region_weights": ""})
+      "region_weights": "",
+      "adaptive": False,          # draw regions in proportion to their tracked error
+      "adaptive_decay": 0.9})     # moving average of that error
 
 
 def downstream(task: str) -> ml_collections.ConfigDict:

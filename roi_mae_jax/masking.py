@@ -47,8 +47,8 @@ class MaskSample(NamedTuple):
   mask: jax.Array         # (N,) bool, True where masked
 
 
-def parse_region_weights(spec: str) -> dict[str, float]:
-  """'Hippocampus_*=2, Amygdala_R=0.5' -> {pattern: weight}."""
+def parse_region_weights(spec: str, what: str = "mask") -> dict[str, float]:
+  """'Hippocampus_*=2, Amygdala_R=0.5' -> {pattern: weight}; `what` names the config block."""
   weights = {}
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, sep, value = item.partition("=")
@@ -57,12 +57,13 @@ def parse_region_weights(spec: str) -> dict[str, float]:
     except ValueError:
       sep = ""
     if not sep:
-      raise errors.InputError(f"mask.region_weights: expected NAME=WEIGHT, got {item!r}")
+      raise errors.InputError(f"{what}.region_weights: expected NAME=WEIGHT, got {item!r}")
   return weights
 
 
 def region_weights(regions, system_weights: Mapping[str, float] | None = None,
-                   name_weights: Mapping[str, float] | None = None) -> np.ndarray:
+                   name_weights: Mapping[str, float] | None = None,
+                   what: str = "mask") -> np.ndarray:
   """(R,) draw weight per region: system weight x region weight (default 1).
 
   `name_weights` keys are region names or shell patterns ('Cerebellum_*').
@@ -73,12 +74,12 @@ def region_weights(regions, system_weights: Mapping[str, float] | None = None,
   for pattern, value in name_weights.items():
     hits = [i for i, r in enumerate(regions) if fnmatch.fnmatchcase(r.name, pattern)]
     if not hits:
-      raise errors.InputError(f"mask.region_weights: {pattern!r} matches no region of the atlas")
+      raise errors.InputError(f"{what}.region_weights: {pattern!r} matches no region of the atlas")
     w[hits] *= value
   if np.any(w < 0) or not np.all(np.isfinite(w)):
-    raise errors.InputError("mask weights must be finite and non-negative")
+    raise errors.InputError(f"{what} weights must be finite and non-negative")
   if not np.any(w > 0):
-    raise errors.InputError("mask weights are all zero: no region can be drawn")
+    raise errors.InputError(f"{what} weights are all zero")
   return w.astype(np.float32)
 
 
@@ -201,6 +202,7 @@ class MaskSampler:
     if not 0.0 < ratio < 1.0:
       raise errors.InputError(f"mask.ratio must be in (0, 1), got {ratio}")
     self.strategy, self.ratio, self.num_time = strategy, float(ratio), int(num_time)
+    self.patch_map = patch_map
     self.num_patches = patch_map.num_brain_patches
     self.num_tokens = self.num_time * self.num_patches
     spatial = strategy in ("tube", "roi")
@@ -235,13 +237,18 @@ class MaskSampler:
       self._max_unit = int(np.bincount(members[valid], minlength=num_groups).max())
     self.sample_batch = jax.jit(self._sample_batch, static_argnums=1)
 
-  def sample(self, key: jax.Array) -> MaskSample:
-    """One mask; pure in `key`."""
+  def sample(self, key: jax.Array, region_scale: jax.Array | None = None) -> MaskSample:
+    """One mask; pure in `key`. `region_scale` (R,) > 0 multiplies the regions'
+    draw weights (adaptive masking; mixed patches of `pure` keep theirs)."""
     blocks = 1 if self._spatial else self.num_time
     if self.strategy in ("random", "tube"):
       cells = _uniform_mask(key, (blocks, self.num_patches), self._quota)
     else:
-      cells = _block_mask(key, self._members, self._valid, self._group_weight,
+      weight = self._group_weight
+      if region_scale is not None:
+        extra = weight.shape[0] - region_scale.shape[0]
+        weight = weight * jnp.concatenate([region_scale, jnp.ones((extra,), weight.dtype)])
+      cells = _block_mask(key, self._members, self._valid, weight,
                           blocks, self._quota, self._max_unit)
     if self._spatial:
       return _spread_over_time(cells[0], self.num_time, self._keep_units)
@@ -249,8 +256,9 @@ class MaskSampler:
     keep, masked, restore = _indices(mask, self.num_keep)
     return MaskSample(keep, masked, restore, mask)
 
-  def _sample_batch(self, key: jax.Array, batch_size: int) -> MaskSample:
-    return jax.vmap(self.sample)(jax.random.split(key, batch_size))
+  def _sample_batch(self, key: jax.Array, batch_size: int,
+                    region_scale: jax.Array | None = None) -> MaskSample:
+    return jax.vmap(lambda k: self.sample(k, region_scale))(jax.random.split(key, batch_size))
 
 
 def sampler_from_config(config, patch_map: patches_lib.PatchMap,

@@ -286,21 +286,32 @@ class MaskedAutoencoder(nnx.Module):
     var = tokens.var(-1, keepdims=True)
     return (tokens - mean) / jnp.sqrt(var + 1e-6)
 
-  def __call__(self, windows, masks: masking.MaskSample) -> dict[str, Any]:
-    """windows (B, X, Y, Z, T) -> dict(loss, tokens, encoded, prediction, mask)."""
+  def __call__(self, windows, masks: masking.MaskSample,
+               token_weight: jax.Array | None = None) -> dict[str, Any]:
+    """windows (B, X, Y, Z, T) -> dict(loss, tokens, encoded, prediction, mask, token_error).
+
+    `token_weight` (N,) weights each token's error in the loss (region-weighted loss).
+    """
     tokens = self.spec.patchify(windows.astype(jnp.float32))
     encoded = self.encode(tokens, masks.ids_keep)
     prediction = self.decode(encoded, masks.ids_restore)
-    loss = masked_mse(prediction, self.target(tokens), masks.mask)
+    token_error = jnp.mean((prediction - self.target(tokens)) ** 2, axis=-1)
+    loss = weighted_mean(token_error, masks.mask, token_weight)
     return {"loss": loss, "tokens": tokens, "encoded": encoded,
-            "prediction": prediction, "mask": masks.mask}
+            "prediction": prediction, "mask": masks.mask, "token_error": token_error}
+
+
+def weighted_mean(token_error, mask, token_weight=None):
+  """Mean of (B, N) errors over the masked tokens, each weighted by `token_weight` (N,)."""
+  weight = mask.astype(jnp.float32)
+  if token_weight is not None:
+    weight = weight * token_weight
+  return jnp.sum(token_error * weight) / jnp.maximum(jnp.sum(weight), 1e-6)
 
 
 def masked_mse(prediction, target, mask):
   """Mean squared error over the masked tokens only; visible tokens count 0."""
-  error = jnp.mean((prediction - target) ** 2, axis=-1)
-  weight = mask.astype(jnp.float32)
-  return jnp.sum(error * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  return weighted_mean(jnp.mean((prediction - target) ** 2, axis=-1), mask)
 
 
 def spec_from_config(config: ml_collections.ConfigDict,

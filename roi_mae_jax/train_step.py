@@ -3,7 +3,8 @@
 The state is a dict of arrays: params (pure dict of the model's Params),
 opt_state, step, rng (a typed key) and bad_step (-1, or the first step whose
 loss or gradients were not finite; from then on updates are skipped, so the
-state stays the last good one).
+state stays the last good one); with `mask.adaptive`, also region_error (R,),
+each region's tracked reconstruction error (region_objectives).
 
     setup = TrainSetup.create(config, spec, sampler, mesh)
     state = setup.init()                                  # born sharded
@@ -18,11 +19,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
+from roi_mae_jax import region_objectives
 from roi_mae_jax import sharding as sharding_lib
 
 State = dict[str, Any]
@@ -91,10 +94,18 @@ class TrainSetup:
     param_shardings = sharding_lib.param_shardings(abstract_params, mesh)
     replicated = sharding_lib.replicated(mesh)
 
+    adaptive = region_objectives.AdaptiveRegions.from_config(config, sampler.patch_map,
+                                                             sampler.num_time)
+    token_weight = region_objectives.token_loss_weights(config, sampler.patch_map,
+                                                        sampler.num_time)
+
     def init() -> State:
       params = nnx.to_pure_dict(nnx.state(new_model(init_key), nnx.Param))
-      return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-              "rng": train_key, "bad_step": jnp.int32(-1)}
+      state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+               "rng": train_key, "bad_step": jnp.int32(-1)}
+      if adaptive is not None:
+        state["region_error"] = adaptive.initial()
+      return state
 
     abstract = jax.eval_shape(init)
     opt_shardings = optax.tree_map_params(
@@ -102,11 +113,13 @@ class TrainSetup:
         transform_non_params=lambda _: replicated)
     shardings = {"params": param_shardings, "opt_state": opt_shardings,
                  "step": replicated, "rng": replicated, "bad_step": replicated}
+    if adaptive is not None:
+      shardings["region_error"] = replicated
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     batch_size = int(config.batch_size)
     step = jax.jit(
-        make_step_fn(graphdef, tx, schedule, sampler, batch_size),
+        make_step_fn(graphdef, tx, schedule, sampler, batch_size, token_weight, adaptive),
         in_shardings=(shardings, {"windows": sharding_lib.batch_sharding(mesh)}),
         out_shardings=(shardings, replicated),
         donate_argnums=0)
@@ -121,18 +134,26 @@ class TrainSetup:
     return nnx.merge(self.graphdef, state["params"])
 
 
-def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler,
-                           batch_size: int) -> Callable[[State, dict], tuple[State, dict]]:
-  """The pure step `(state, batch) -> (state, metrics)` for jit."""
+def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler, batch_size: int,
+                 token_weight: np.ndarray | None = None,
+                 adaptive: region_objectives.AdaptiveRegions | None = None,
+                 ) -> Callable[[State, dict], tuple[State, dict]]:
+  """The pure step `(state, batch) -> (state, metrics)` for jit.
+
+  `token_weight` (N,): the region-weighted loss; `adaptive`: masks drawn in
+  proportion to state["region_error"], which the step then updates.
+  """
+  weight = None if token_weight is None else jnp.asarray(token_weight)
 
   def loss_fn(params, windows, masks):
-    out = nnx.merge(graphdef, params)(windows, masks)
+    out = nnx.merge(graphdef, params)(windows, masks, weight)
     return out["loss"], out
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     step = state["step"]
-    masks = sampler.sample_batch(jax.random.fold_in(state["rng"], step), batch_size)
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    scale = None if adaptive is None else state["region_error"]
+    masks = sampler.sample_batch(jax.random.fold_in(state["rng"], step), batch_size, scale)
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], batch["windows"], masks)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -145,6 +166,9 @@ def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler,
         "rng": state["rng"],
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step),
     }
+    if adaptive is not None:
+      tracked = adaptive.update(state["region_error"], out["token_error"], masks.mask)
+      new_state["region_error"] = jnp.where(ok, tracked, state["region_error"])
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(new_state["params"]),
                "learning_rate": schedule(step)}
