@@ -120,7 +120,7 @@ def _pretrain_finished(workdir: str, total_steps: int) -> bool:
 
 
 def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, object, str]]:
-  """(name, config, done-marker file) of one run's tasks, in order."""
+  """(name, config, workdir, done-marker file) of one run's tasks, in order."""
   base = os.path.join(root, "runs", strategy, f"seed{seed}")
   pretrain_dir = os.path.join(base, "pretrain")
   steps = [("pretrain", pretrain_config(config, strategy, seed), "pretrain_summary.json"),
@@ -209,7 +209,8 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
   if config.get("run_finetune"):
     evaluations["finetune"] = ("finetune_results.json", "kfold")
   results = {"strategies": strategies, "seeds": [int(s) for s in _names(config.seeds, "seeds")],
-             "baseline": config.baseline, "folds": folds, "evaluations": {}}
+             "baseline": config.baseline, "folds": folds,
+             "repeats": int(config.probe.get("repeats", 1)), "evaluations": {}}
   for evaluation, (filename, scheme) in evaluations.items():
     scores = {s: {m: {} for m in METRICS} for s in strategies}
     for (strategy, seed), dirs in done.items():
@@ -248,8 +249,9 @@ def markdown(results: dict) -> str:
   baseline, lines = results["baseline"], []
   for evaluation, table in results["evaluations"].items():
     n = next(iter(table.values()))["roc_auc"]["n"]
+    repeats = f" x {results['repeats']} repeats" if results.get("repeats", 1) > 1 else ""
     lines += [f"### {evaluation}: ADHD vs control, {len(results['seeds'])} seeds x "
-              f"{results['folds']}-fold ({n} paired scores per strategy)", "",
+              f"{results['folds']}-fold{repeats} ({n} paired scores per strategy)", "",
               "| strategy | accuracy | AUC | accuracy - " + baseline + " (95% CI, p) | AUC - "
               + baseline + " (95% CI, p) |", "|---|---|---|---|---|"]
     for strategy, row in table.items():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import compare
 from roi_mae_jax import errors
 from roi_mae_jax import masking
@@ -94,7 +95,7 @@ def _two_steps(config):
   return setup, state, losses
 
 
-def test_train_step_with_both_options():
+def test_train_step_with_both_options(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.batch_size = 2
   _, plain_state, plain = _two_steps(config)
@@ -106,7 +107,11 @@ def test_train_step_with_both_options():
   error = np.asarray(state["region_error"])
   assert error.shape == (setup.sampler.patch_map.atlas.num_regions,)
   assert np.all(np.isfinite(error)) and np.any(error != 1.0)  # tracked, in the state
-  assert "region_error" in setup.abstract_state  # so checkpoints restore it
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(2, state)
+  restored, _ = ckpt.restore(setup.abstract_state)
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored["region_error"]), error)  # resumes with it
 
 
 def test_compare_variants_set_the_options():
