@@ -88,3 +88,33 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   config.pretrain.total_steps = 7
   with pytest.raises(errors.InputError, match="different settings"):
     tasks.run_task(config, str(tmp_path))
+
+
+def _write_results(path, scores):
+  path.mkdir(parents=True)
+  splits = [{"split": f"seed0/fold{k}", "accuracy": a, "roc_auc": u}
+            for k, (a, u) in enumerate(scores)]
+  name = "probe_results.json" if path.name == "probe" else "finetune_results.json"
+  (path / name).write_text(json.dumps({"splits": {"kfold": splits}}))
+
+
+def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune(tmp_path):
+  config = load_config("compare_masking", "test")
+  config.seeds, config.run_finetune, config.run_attribute = "0,1", True, False
+  done = {}
+  for strategy, shift in (("roi", 0.1), ("random", 0.0)):
+    for seed in (0, 1):
+      dirs = {}
+      for step in ("probe", "finetune"):
+        dirs[step] = tmp_path / strategy / str(seed) / step
+        _write_results(dirs[step], [(0.6 + shift + 0.01 * k + 0.02 * seed, 0.7 + shift)
+                                    for k in range(3)])
+      done[(strategy, seed)] = dirs
+  results = compare.summarise(config, done)
+  for evaluation in ("probe", "finetune"):
+    table = results["evaluations"][evaluation]
+    assert table["roi"]["accuracy"]["n"] == 6
+    diff = table["roi"]["vs_baseline"]["accuracy"]
+    assert diff["n"] == 6 and diff["mean"] == pytest.approx(0.1) and diff["p"] < 1e-6
+  text = compare.markdown(results)
+  assert "### finetune" in text and "+0.100 [+0.100, +0.100]" in text
