@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from roi_mae_jax import errors
 
+
 def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
