@@ -138,9 +138,9 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or reuses) every step; returns {(strategy, seed): {step: its workdir}}."""
   runs = plan_runs(config)
   done = {}
-  start, finished_runs = time.time(), 0
+  start, worked = time.time(), 0  # the eta counts runs that did work, not reused ones
   for n, (strategy, seed) in enumerate(runs, start=1):
-    dirs = {}
+    dirs, did_work = {}, False
     for name, cfg, step_dir, marker in _steps(config, strategy, seed, workdir):
       dirs[name] = step_dir
       complete = (_pretrain_finished(step_dir, int(cfg.total_steps)) if name == "pretrain"
@@ -152,12 +152,13 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("run %d/%d (%s, seed %d): %s in %s", n, len(runs), strategy, seed, name,
                    step_dir)
       tasks.run_task(cfg, step_dir)
+      did_work = True
     done[(strategy, seed)] = dirs
-    finished_runs += 1
+    worked += did_work
     elapsed = time.time() - start
+    eta = elapsed / worked * (len(runs) - n) if worked else 0.0
     logging.info("compare: %d/%d runs done, %s elapsed, eta %s", n, len(runs),
-                 metrics_lib.duration(elapsed),
-                 metrics_lib.duration(elapsed / finished_runs * (len(runs) - n)))
+                 metrics_lib.duration(elapsed), metrics_lib.duration(eta))
   return done
 
 
