@@ -28,6 +28,7 @@ import numpy as np
 from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax import train
+from roi_mae_jax.bench import masks as bench_masks
 from roi_mae_jax.bench import train as bench_train
 
 
@@ -93,18 +94,6 @@ def fits_in(config, limit_bytes: int, headroom: float = 0.9) -> Callable[[int], 
   return fits
 
 
-def _mask_seconds(sampler, batch: int, repeats: int) -> float:
-  """Median time of one jitted batch of masks (compile excluded)."""
-  sample = jax.jit(sampler.sample_batch, static_argnums=1)
-  jax.block_until_ready(sample(jax.random.key(0), batch))
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(sample(jax.random.key(i + 1), batch))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def run(args) -> dict:
   config = bench_train.configure(args)
   if args.shards:
@@ -144,7 +133,8 @@ def run(args) -> dict:
                                            args.peak_size))
   figures["data_wait_s"] = float(np.median(waits))
   figures["data_wait_share"] = float(np.sum(waits) / (np.sum(waits) + np.sum(steps)))
-  figures["mask_sampling_s"] = _mask_seconds(sampler, config.batch_size, args.mask_repeats)
+  figures["mask_sampling_s"] = float(np.median(
+      bench_masks.time_batches(sampler, config.batch_size, args.mask_repeats)))
   figures["mask_sampling_share"] = figures["mask_sampling_s"] / step_s
   figures["loss"] = float(metrics["loss"])
 
