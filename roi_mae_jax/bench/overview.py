@@ -4,8 +4,8 @@ Trains the config's model on real input (the Grain pipeline over the
 config's data: synthetic, or prepared shards) and reports: step time,
 tokens/s, MFU against the matmul peak measured in the same run, the share of
 step time spent sampling masks (the sampler timed alone, same batch and
-device) and waiting for data (time in next(iterator)), tokens saved by
-brain-only patches, and memory: XLA's per-device need of the compiled step,
+device) and waiting for data (next(iterator) plus the copy to devices),
+tokens saved by brain-only patches, and memory: XLA's per-device need of the compiled step,
 the device's peak where it reports one, and the host's peak RSS. With
 --max_batch on a device that reports its memory limit, also the largest batch
 per device whose compiled step fits.
