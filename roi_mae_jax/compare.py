@@ -41,6 +41,7 @@ from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import tasks
+from roi_mae_jax import train
 
 REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
 OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
@@ -98,6 +99,7 @@ def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
   run = ml_collections.ConfigDict(config.pretrain.to_dict())
   run.seed = seed
   run.data.synthetic.data_seed = int(config.data_seed)  # the same subjects in every run
+  run.data.streams = 1  # compare runs in one process; recorded as the run records it
   for key, value in VARIANTS[strategy].items():
     _set(run, key, value)
   if strategy == "roi_weighted":
@@ -111,12 +113,14 @@ def _downstream(block: ml_collections.ConfigDict, checkpoint: str) -> ml_collect
   return run
 
 
-def _pretrain_finished(workdir: str, total_steps: int) -> bool:
+def _pretrain_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether `workdir` holds this very run, finished; another run there is refused."""
   path = os.path.join(workdir, "pretrain_summary.json")
   if not os.path.exists(path):
     return False
+  outputs.write_config(workdir, config, may_differ=train.RESUMABLE_CHANGES)
   with open(path, encoding="utf-8") as f:
-    return json.load(f).get("steps") == total_steps
+    return json.load(f).get("steps") == int(config.total_steps)
 
 
 def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, object, str]]:
@@ -143,7 +147,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dirs, did_work = {}, False
     for name, cfg, step_dir, marker in _steps(config, strategy, seed, workdir):
       dirs[name] = step_dir
-      complete = (_pretrain_finished(step_dir, int(cfg.total_steps)) if name == "pretrain"
+      complete = (_pretrain_finished(step_dir, cfg) if name == "pretrain"
                   else os.path.exists(os.path.join(step_dir, marker)))
       if complete:
         logging.info("run %d/%d (%s, seed %d): %s reused from %s", n, len(runs), strategy,

@@ -47,6 +47,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort(sort_keys=True))
+  previous = None
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       previous = json.load(f)
@@ -56,6 +57,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
       raise errors.InputError(
           f"{path} holds a run with different settings ({', '.join(changed)}); resume it "
           f"with the same config or choose another --workdir{hint}")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and previous != current:  # the same run: file untouched
     write_json(path, current)
   return path

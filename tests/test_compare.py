@@ -84,6 +84,15 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   tasks.run_task(config, str(tmp_path))
   assert all(p.stat().st_mtime == t for p, t in stamps.items())
   assert json.loads((tmp_path / "compare_results.json").read_text()) == results
+  # A run folder holding another run (here: another learning rate) is not reused.
+  run_config = tmp_path / "runs" / "roi" / "seed0" / "pretrain" / "config.json"
+  original = run_config.read_text()
+  edited = json.loads(original)
+  edited["optim"]["learning_rate"] = 0.5
+  run_config.write_text(json.dumps(edited))
+  with pytest.raises(errors.InputError, match="different settings"):
+    tasks.run_task(config, str(tmp_path))
+  run_config.write_text(original)
   # Other pretraining settings in the same workdir would mix two experiments.
   config.pretrain.total_steps = 7
   with pytest.raises(errors.InputError, match="different settings"):
