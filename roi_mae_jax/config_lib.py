@@ -69,6 +69,9 @@ def downstream(task: str) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({
       "shards": "",                 # a prepare workdir; empty: synthetic subjects
       "synthetic_subjects": 0,      # 0: as many as pretraining generated
+      # The group effect of the synthetic subjects (data/synthetic.py PRESETS): a
+      # few small regions, amplitude and decoupling only; '' keeps pretraining's.
+      "synthetic_preset": "realistic",
   })
   config.overwrite = False
   return config

@@ -23,7 +23,6 @@ from flax import nnx
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import distributed
 from roi_mae_jax import errors
-from roi_mae_jax import grids
 from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
@@ -33,7 +32,7 @@ from roi_mae_jax import plots
 from roi_mae_jax import sharding as sharding_lib
 from roi_mae_jax import train_step
 from roi_mae_jax.data import pipeline
-from roi_mae_jax.data import synthetic
+from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size_mm",
                  "patches.size", "patches.frames", "mask.strategy", "mask.ratio", "model.size",
@@ -41,27 +40,6 @@ REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size
 # Settings a resumed run may change without being a different run.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "fault_kill_after_step", "overwrite", "distributed")
-
-
-def make_source(config: ml_collections.ConfigDict, multiple_of: int):
-  """The training scans: prepared shards in `data.shards`, else the synthetic data."""
-  if not config.data.shards:
-    data = synthetic.SyntheticFMRI.from_config(config, multiple_of=multiple_of)
-    return pipeline.SyntheticWindows(data, config.frames)
-  source = pipeline.ShardWindows(config.data.shards, config.frames)
-  wanted = grids.grid_from_config(config.grid, multiple_of)
-  if source.grid.key() != wanted.key():
-    shape = ",".join(map(str, source.grid.shape))
-    raise errors.InputError(
-        f"{config.data.shards} was prepared on grid {source.grid.describe()} but this config "
-        f"trains on {wanted.describe()}; train with --config.grid.voxel_size_mm="
-        f"{source.grid.voxel_size_mm[0]:g} --config.grid.shape=\"({shape})\" (and the same "
-        "grid.orientation and centre_mm), or prepare again on this grid")
-  if source.left_out:
-    logging.warning("%d scans are shorter than %d frames and left out, e.g. %s",
-                    len(source.left_out), config.frames, source.left_out[0])
-  logging.info("reading %d prepared scans from %s", len(source), config.data.shards)
-  return source
 
 
 def make_iterator(config: ml_collections.ConfigDict, source, local_batch: int):
@@ -117,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                spec.num_tokens, sampler.num_keep, sampler.num_mask, config.mask.strategy)
 
   # --- Input --------------------------------------------------------------
-  source = make_source(config, multiple_of=config.patches.size)
+  source = sources.training_source(config, multiple_of=config.patches.size)
   iterator = make_iterator(config, source, local_batch)
 
   # --- State and checkpoints ----------------------------------------------

@@ -5,9 +5,9 @@ import pytest
 
 from conftest import load_config
 from roi_mae_jax import errors
-from roi_mae_jax import train
 from roi_mae_jax.data import pipeline
 from roi_mae_jax.data import shards
+from roi_mae_jax.data import sources
 
 
 def _batches(iterator, n):
@@ -66,13 +66,13 @@ def test_iterator_state_resumes_the_exact_batches(prepared_dir, prefetch_workers
 def test_training_source_checks_the_grid(prepared_dir, tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.data.shards = str(prepared_dir)
-  assert len(train.make_source(config, multiple_of=4)) == 8
+  assert len(sources.training_source(config, multiple_of=4)) == 8
   config.grid.voxel_size_mm = 4.0
   with pytest.raises(errors.InputError, match=r"grid.shape=\"\(20,24,24\)\""):
-    train.make_source(config, multiple_of=4)
+    sources.training_source(config, multiple_of=4)
   config.data.shards = str(tmp_path)
   with pytest.raises(errors.InputError, match="not a prepared dataset"):
-    train.make_source(config, multiple_of=4)
+    sources.training_source(config, multiple_of=4)
 
 
 @pytest.mark.parametrize("prefetch_workers", [0, 2])

@@ -29,6 +29,7 @@ from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax import train
 from roi_mae_jax.bench import masks as bench_masks
+from roi_mae_jax.data import sources
 from roi_mae_jax.bench import train as bench_train
 
 
@@ -111,7 +112,7 @@ def run(args) -> dict:
              "encoder_tokens": sampler.num_keep}
 
   # Real input: the same source and iterator as `task pretrain`.
-  source = train.make_source(config, multiple_of=config.patches.size)
+  source = sources.training_source(config, multiple_of=config.patches.size)
   iterator = train.make_iterator(config, source, config.batch_size // jax.process_count())
   state = setup.init()
   batch = sharding.global_batch({"windows": next(iterator)["windows"]}, setup.mesh)

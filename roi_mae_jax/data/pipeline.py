@@ -70,6 +70,10 @@ class SyntheticWindows:
     """The normalised window of subject `index` from frame `start`."""
     return normalise(self.data.window(index, start, self.frames), self.data.brain)
 
+  def read(self, index: int, start: int, count: int) -> np.ndarray:
+    """`count` frames of subject `index` from `start`, normalised together."""
+    return normalise(self.data.window(index, start, count), self.data.brain)
+
   def info(self, index: int) -> dict:
     s = self.data.subjects[index]
     return {"subject": s.subject_id, "site": s.site.name, "label": s.label}
@@ -116,6 +120,10 @@ class ShardWindows:
 
   def window_at(self, index: int, start: int) -> np.ndarray:
     return self.data.frames(self.scans[index], start, self.frames)
+
+  def read(self, index: int, start: int, count: int) -> np.ndarray:
+    """`count` frames of the `index`-th usable scan from `start` (normalised when prepared)."""
+    return self.data.frames(self.scans[index], start, count)
 
   def info(self, index: int) -> dict:
     row = self.row(index)
