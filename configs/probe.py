@@ -17,18 +17,22 @@ from roi_mae_jax import config_lib
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = config_lib.downstream("probe")
-  config.pool = "mean"              # mean | region (| cls, when the encoder has one)
+  # Subject features from the time course of the encoder's region embeddings over
+  # a scan (roi_mae_jax/features.py): mean | region | region_std | region_corr,
+  # or several joined by '+'.
+  config.pool = "region_std"
+  config.stride = 0                 # frames between window starts (0: the window length)
+  config.baselines = "region_stats,fc,init"  # probed on the same splits ('' : none)
   config.schemes = "kfold,loso"
   config.folds = 5
   config.repeats = 3                # k-fold repeated over seeds 0..repeats-1
   config.inner_folds = 3            # to choose C
-  config.jax_probe = True           # also the JAX probe on the same splits
+  config.jax_probe = False          # also the JAX probe on the encoder's features
   config.batch_size = 8             # windows per encoder call
-  config.max_windows = 0            # windows per scan (0: all non-overlapping)
+  config.max_windows = 0            # windows per scan, from its start (0: all)
   if arg == "test":  # seconds on a CPU, on a pretrain_aal3.py:test checkpoint
     config.folds = 3
     config.repeats = 1
-    config.pool = "region"
     config.data.synthetic_subjects = 48
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")

@@ -1,14 +1,13 @@
-"""A pretrained encoder loaded from a pretraining workdir, and pooled features.
+"""A pretrained encoder loaded from a pretraining workdir, and its time courses.
 
-    pre = load_pretrained("runs/demo")               # newest checkpoint; config.json beside it
-    feats = pre.features(windows, pool="region")     # (B, F) float32, no masking
+    pre = load_pretrained("runs/demo")                # newest checkpoint; config.json beside it
+    tokens, regions = pre.courses(pre.params, windows)  # (B, t, width), (B, t, R', width)
+    init = random_init(pre)                           # the same encoder before pretraining
     pre.config.frames, pre.spec.num_tokens, pre.patch_map.regions
 
-Features see every brain token (no masking). Pools:
-  mean    the mean of the encoded tokens (width)
-  region  the mean per AAL3 region that owns a patch, concatenated
-          (regions x width); `pre.pooled_regions` names them in order
-  cls     a class token: this encoder has none, so it is refused
+The encoder sees every brain token (no masking). `regions` holds the mean
+embedding of each AAL3 region that owns a patch (`pre.pooled_regions`, in
+order) at each time step; features.py pools these over a scan.
 """
 
 from __future__ import annotations
@@ -33,9 +32,6 @@ from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
-POOLS = ("mean", "region", "cls")
-
-
 @dataclasses.dataclass(eq=False)
 class Pretrained:
   """Encoder parameters and what is needed to feed them."""
@@ -58,13 +54,6 @@ class Pretrained:
     """Region indices (into patch_map.regions) that own at least one patch."""
     return np.unique(self.spec.patch_region[self.spec.patch_region >= 0])
 
-  @functools.cached_property
-  def region_pooling(self) -> np.ndarray:
-    """(N, R') token -> region averaging matrix (time-major tokens)."""
-    per_patch = (self.spec.patch_region[:, None] == self.pooled_regions[None]).astype(np.float32)
-    per_token = np.tile(per_patch, (self.spec.num_time, 1))
-    return per_token / np.maximum(per_token.sum(0, keepdims=True), 1.0)
-
   def model(self) -> model_lib.MaskedAutoencoder:
     return nnx.merge(self.graphdef, self.params)
 
@@ -76,30 +65,31 @@ class Pretrained:
                            (self.spec.num_tokens,))
     return model.encode(tokens, ids).astype(jnp.float32)
 
-  def pool(self, encoded: jax.Array, pool: str) -> jax.Array:
-    """(B, N, width) -> (B, F)."""
-    check_pool(pool)
-    if pool == "mean":
-      return encoded.mean(axis=1)
-    pooled = jnp.einsum("bnw,nr->brw", encoded, jnp.asarray(self.region_pooling))
-    return pooled.reshape(encoded.shape[0], -1)
-
   @functools.cached_property
-  def _features_fn(self):
-    return jax.jit(lambda params, w, pool: self.pool(self.encode(params, w), pool),
-                   static_argnums=2)
+  def patch_pooling(self) -> np.ndarray:
+    """(P, R') brain patch -> region averaging matrix (one time step)."""
+    per_patch = (self.spec.patch_region[:, None] == self.pooled_regions[None]).astype(np.float32)
+    return per_patch / np.maximum(per_patch.sum(0, keepdims=True), 1.0)
 
-  def features(self, windows, pool: str = "mean") -> np.ndarray:
-    """(B, X, Y, Z, T) windows -> (B, F) pooled features (numpy)."""
-    return np.asarray(self._features_fn(self.params, jnp.asarray(windows), pool))
+  def courses(self, params, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """windows (B, X, Y, Z, T) -> time courses of the encoding at token resolution.
 
+    Returns (tokens (B, t, width), regions (B, t, R', width)): the mean of all
+    tokens and of each pooled region's tokens at each of the window's t =
+    T / patches.frames time steps.
+    """
+    encoded = self.encode(params, windows)
+    b, width = encoded.shape[0], encoded.shape[-1]
+    by_time = encoded.reshape(b, self.spec.num_time, self.spec.num_patches, width)
+    regions = jnp.einsum("btpw,pr->btrw", by_time, jnp.asarray(self.patch_pooling))
+    return by_time.mean(axis=2), regions
 
-def check_pool(pool: str) -> None:
-  if pool == "cls":
-    raise errors.InputError("pool 'cls' needs a class token; this encoder has none: use "
-                            "'mean' or 'region'")
-  if pool not in POOLS:
-    raise errors.InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+def random_init(pre: Pretrained) -> Pretrained:
+  """The same encoder before pretraining: the run's own initial parameters (step 0)."""
+  init_key, _ = jax.random.split(jax.random.key(pre.config.seed))  # as TrainSetup.create
+  model = model_lib.MaskedAutoencoder(pre.spec, pre.config.model, rngs=nnx.Rngs(params=init_key))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return dataclasses.replace(pre, params=params, step=0)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -63,3 +63,23 @@ def check_disjoint(splits: Sequence[Split], subjects: Sequence[str]) -> None:
     if both:
       raise errors.InputError(f"split {split.scheme} {split.name} has subjects on both sides: "
                               f"{sorted(both)[:5]}")
+
+
+SCHEMES = ("kfold", "loso")
+
+
+def from_config(config, subjects: Sequence[str], labels: np.ndarray,
+                sites: Sequence[str]) -> list[Split]:
+  """The splits of `config.schemes` ('kfold,loso'), `config.folds`, `config.repeats`."""
+  schemes = [s.strip() for s in str(config.schemes).split(",") if s.strip()]
+  unknown = set(schemes) - set(SCHEMES)
+  if unknown or not schemes:
+    raise errors.InputError(f"config.schemes must list {' and/or '.join(SCHEMES)}, "
+                            f"got {config.schemes!r}")
+  out = []
+  if "kfold" in schemes:
+    out += kfold_splits(labels, int(config.folds), range(int(config.get("repeats", 1))))
+  if "loso" in schemes:
+    out += leave_one_site_out(sites, labels)
+  check_disjoint(out, subjects)
+  return out

@@ -58,42 +58,74 @@ def test_jax_probe_agrees_with_sklearn(dim):
   assert np.corrcoef(p_sk, p_jax)[0, 1] > 0.95
 
 
-def test_pooling_by_region(pretrained_dir):
-  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
-  assert pre.step == 6
-  windows = np.random.default_rng(0).standard_normal((2,) + pre.spec.window_shape)
-  encoded = np.asarray(pre.encode(pre.params, windows.astype(np.float32)))
-  by_region = pre.features(windows, "region").reshape(2, len(pre.pooled_regions), -1)
-  first = pre.pooled_regions[0]
-  tokens = np.flatnonzero(np.tile(pre.spec.patch_region, pre.spec.num_time) == first)
-  np.testing.assert_allclose(by_region[:, 0], encoded[:, tokens].mean(1), atol=1e-5)
-  np.testing.assert_allclose(pre.features(windows, "mean"), encoded.mean(1), atol=1e-5)
-  with pytest.raises(errors.InputError, match="class token"):
-    pre.features(windows, "cls")
-
-
-def test_probe_task_on_synthetic_subjects_beats_chance(pretrained_dir, tmp_path):
+def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_path):
   config = load_config("probe", "test")
-  config.checkpoint = str(pretrained_dir)
+  config.update(checkpoint=str(pretrained_dir), jax_probe=True)
   tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "probe_results.json").read_text())
-  assert set(results) >= {"kfold", "kfold_jax", "loso", "loso_jax", "meta"}
-  assert results["meta"]["subjects"] == 48
-  assert results["kfold"]["roc_auc"]["mean"] > 0.7  # the planted limbic/cerebellum effect
-  assert abs(results["kfold"]["roc_auc"]["mean"] - results["kfold_jax"]["roc_auc"]["mean"]) < 0.1
+  assert set(results) >= {"features", "splits", "differences", "meta"}
+  assert set(results["features"]) == {"encoder", "encoder_jax", "region_stats", "fc", "init"}
+  assert results["meta"]["subjects"] == 48 and results["meta"]["pool"] == "region_corr"
+  assert results["meta"]["synthetic_preset"] == "realistic"
+  # Every feature set on the same splits; differences paired over them.
+  names = {k: [s["split"] for s in v["kfold"]] for k, v in results["splits"].items()}
+  assert len({tuple(v) for v in names.values()}) == 1 and len(names["fc"]) == 3
+  diff = results["differences"]["init"]["kfold"]["balanced_accuracy"]
+  assert diff["n"] == 3 and diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
+  # The realistic effect (amplitude in four small regions) is found by region statistics.
+  assert results["features"]["region_stats"]["kfold"]["balanced_accuracy"]["mean"] > 0.7
+  encoder = results["features"]["encoder"]["kfold"]["roc_auc"]["mean"]
+  assert abs(encoder - results["features"]["encoder_jax"]["kfold"]["roc_auc"]["mean"]) < 0.15
   table = (tmp_path / "probe_table.md").read_text()
-  assert "| kfold | sklearn |" in table and "±" in table
+  assert "| encoder (region_std) | kfold |" in table and "| fc | loso |" in table
+  assert "(reference)" in table and "±" in table
+  predictions = (tmp_path / "probe_predictions.csv").read_text()
+  assert "region_stats,kfold," in predictions and "init,loso," in predictions
   assert (tmp_path / "probe_roc.png").stat().st_size > 10_000
   with pytest.raises(errors.InputError, match="already exist"):
     tasks.run_task(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("pool", "max", "pool must be one of"), ("baselines", "fc,glm", "config.baselines")])
+def test_bad_pool_or_baseline_fails_before_work(tmp_path, field, value, message):
+  config = load_config("probe", "test")
+  config.update(checkpoint="/nowhere", **{field: value})
+  with pytest.raises(errors.InputError, match=message):
+    tasks.run_task(config, str(tmp_path))
+
+
 def test_probe_on_prepared_shards_uses_their_sites(pretrained_dir, prepared_dir, tmp_path):
   config = load_config("probe", "test")
-  config.update(checkpoint=str(pretrained_dir), jax_probe=False)
+  config.update(checkpoint=str(pretrained_dir), baselines="region_stats", pool="region_std")
   config.data.shards = str(prepared_dir)
   tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "probe_results.json").read_text())
   assert results["meta"]["sites"] == ["NYU", "OHSU", "Pittsburgh"]
-  assert [s["split"] for s in results["splits"]["loso"]] == [
+  assert results["meta"]["synthetic_preset"] == ""
+  assert [s["split"] for s in results["splits"]["encoder"]["loso"]] == [
       "site=NYU", "site=OHSU", "site=Pittsburgh"]
+  on_grid = pretrained_lib.load_pretrained(str(pretrained_dir)).patch_map.atlas
+  present = sum(1 for r in on_grid.regions if np.any(on_grid.labels == r.id))
+  assert results["meta"]["features"]["region_stats"] == 2 * present  # mean and std per region
+
+
+def test_probe_in_the_span_of_the_training_rows_is_exact():
+  """Fitting on the rows' coordinates (PCA) equals the fit on all features."""
+  from sklearn import linear_model, preprocessing
+  rng = np.random.default_rng(5)
+  y = np.arange(30) % 2
+  x = rng.standard_normal((30, 400))
+  x[:, :3] += y[:, None]
+  x_test = rng.standard_normal((10, 400))
+  model, c = linear_probe.fit_sklearn(x, y, cs=(0.05,))
+  scaler = preprocessing.StandardScaler().fit(x)
+  direct = linear_model.LogisticRegression(C=c, class_weight="balanced", tol=1e-10,
+                                           max_iter=10000).fit(scaler.transform(x), y)
+  np.testing.assert_allclose(model.predict_proba(x_test)[:, 1],
+                             direct.predict_proba(scaler.transform(x_test))[:, 1], atol=1e-4)
+  weight, bias = linear_probe.weights_of(model)
+  np.testing.assert_allclose(weight, direct.coef_[0], atol=1e-4)
+  logits = scaler.transform(x_test) @ weight + bias
+  np.testing.assert_allclose(1 / (1 + np.exp(-logits)), model.predict_proba(x_test)[:, 1],
+                             atol=1e-6)

@@ -1,0 +1,129 @@
+"""Linear probes of several feature sets on the same subject-disjoint splits.
+
+    sets = {"encoder": feats, "fc": fc_feats, "init": init_feats}   # same subjects, same order
+    splits = splits_lib.from_config(config, feats)
+    results = evaluate(sets, splits, reference="encoder")
+    results["features"]["fc"]["kfold"]["balanced_accuracy"]["mean"]
+    results["differences"]["fc"]["kfold"]["roc_auc"]      # encoder - fc: mean, 95% CI, p
+    print(markdown_table(results))
+
+Every feature set is fitted by the same standardised, class-balanced logistic
+regression (C by inner CV) on the same splits, so the scores pair split by
+split: differences against the reference use the corrected resampled t-test
+of `comparison_stats` (k-fold training sets overlap).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+from roi_mae_jax import comparison_stats
+from roi_mae_jax import errors
+from roi_mae_jax import features as features_lib
+from roi_mae_jax import linear_probe
+from roi_mae_jax import splits as splits_lib
+
+METRIC_NAMES = {"balanced_accuracy": "balanced acc.", "roc_auc": "ROC AUC",
+                "accuracy": "accuracy", "sensitivity": "sensitivity",
+                "specificity": "specificity"}
+
+
+def _check_same_subjects(sets: Mapping[str, features_lib.SubjectFeatures]) -> None:
+  first_name, first = next(iter(sets.items()))
+  for name, feats in sets.items():
+    if feats.subjects != first.subjects or not np.array_equal(feats.labels, first.labels):
+      raise errors.InputError(f"feature sets {first_name} and {name} hold different subjects")
+
+
+def test_fraction(splits: Sequence[splits_lib.Split]) -> float:
+  """Mean n_test / n of the splits (1/k for k-fold): the correction of the t-test."""
+  return float(np.mean([len(s.test) / (len(s.test) + len(s.train)) for s in splits]))
+
+
+def evaluate(sets: Mapping[str, features_lib.SubjectFeatures],
+             splits: Sequence[splits_lib.Split], reference: str = "encoder",
+             inner_folds: int = 3, seed: int = 0, jax_probe: Sequence[str] = ()) -> dict:
+  """Scores of every feature set on every split, summaries, differences to `reference`.
+
+  `jax_probe` names sets also fitted by the JAX probe (reported as `<name>_jax`).
+  Returns {"features": {set: {scheme: metric summaries}}, "splits": {set: {scheme:
+  [per-split metrics]}}, "differences": {set: {scheme: {metric: reference - set}}},
+  "oof": {set: {scheme: out-of-fold probabilities (first repeat of k-fold, every
+  LOSO site)}}}.
+  """
+  _check_same_subjects(sets)
+  probes = [(name, name, linear_probe.sklearn_probe) for name in sets]
+  probes += [(f"{name}_jax", name, linear_probe.jax_probe) for name in jax_probe]
+  per_split: dict[str, dict[str, list]] = {}
+  oof: dict[str, dict[str, np.ndarray]] = {}
+  for key, name, fit in probes:
+    x, y = sets[name].features, sets[name].labels
+    for split in splits:
+      probs, c = fit(x[split.train], y[split.train], x[split.test],
+                     inner_folds=inner_folds, seed=seed)
+      scores = dict(linear_probe.binary_metrics(y[split.test], probs), C=c, split=split.name)
+      per_split.setdefault(key, {}).setdefault(split.scheme, []).append(scores)
+      if split.scheme == "loso" or split.name.startswith("seed0/"):
+        store = oof.setdefault(key, {}).setdefault(split.scheme, np.full(len(y), np.nan))
+        store[split.test] = probs
+    logging.info("probe %s: %s", key, ", ".join(
+        f"{scheme} balanced acc. {linear_probe.summarise(v)['balanced_accuracy']['mean']:.3f}"
+        for scheme, v in per_split[key].items()))
+  results = {"features": {k: {scheme: linear_probe.summarise(v) for scheme, v in by.items()}
+                          for k, by in per_split.items()},
+             "splits": per_split, "reference": reference, "oof": oof}
+  results["differences"] = differences(per_split, reference, splits)
+  return results
+
+
+def differences(per_split: Mapping[str, Mapping[str, list]], reference: str,
+                splits: Sequence[splits_lib.Split]) -> dict:
+  """{set: {scheme: {metric: paired difference reference - set}}} over shared splits."""
+  if reference not in per_split:
+    return {}
+  fractions = {scheme: test_fraction([s for s in splits if s.scheme == scheme])
+               for scheme in {s.scheme for s in splits}}
+  out = {}
+  for name, by_scheme in per_split.items():
+    if name == reference:
+      continue
+    for scheme, values in by_scheme.items():
+      ours = {s["split"]: s for s in per_split[reference].get(scheme, [])}
+      theirs = {s["split"]: s for s in values}
+      out.setdefault(name, {})[scheme] = {
+          m: comparison_stats.paired_difference(
+              {k: v[m] for k, v in ours.items()}, {k: v[m] for k, v in theirs.items()},
+              # leave-one-site-out splits share no test subjects: the plain paired test
+              test_fraction=fractions[scheme] if scheme == "kfold" else 0.0)
+          for m in ("balanced_accuracy", "roc_auc")}
+  return out
+
+
+def _cell(summary: dict) -> str:
+  return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _difference(d: dict) -> str:
+  if not np.isfinite(d["mean"]):
+    return "–"
+  return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def markdown_table(results: dict, labels: Mapping[str, str] | None = None) -> str:
+  """One row per feature set and scheme; the reference's differences to the others."""
+  labels = labels or {}
+  reference = results.get("reference", "encoder")
+  names = list(METRIC_NAMES.values())
+  lines = [f"| features | scheme | {' | '.join(names)} | {reference} - these: balanced acc. "
+           "(95% CI) | AUC (95% CI) |", "|" + "---|" * (4 + len(names))]
+  for key, by_scheme in results["features"].items():
+    for scheme, summary in by_scheme.items():
+      diff = results.get("differences", {}).get(key, {}).get(scheme)
+      extra = ([_difference(diff["balanced_accuracy"]), _difference(diff["roc_auc"])] if diff
+               else ["(reference)" if key == reference else "", ""])
+      cells = [_cell(summary[m]) for m in METRIC_NAMES]
+      lines.append(f"| {labels.get(key, key)} | {scheme} | " + " | ".join(cells + extra) + " |")
+  return "\n".join(lines) + "\n"
