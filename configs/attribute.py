@@ -17,16 +17,18 @@ from roi_mae_jax import config_lib
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = config_lib.downstream("attribute")
   config.classifier = ""            # a finetune workdir; empty: fit the probe's head here
-  config.pool = "region"            # features the probe head reads: mean | region
-  config.baseline = "zeros"         # zeros | temporal_mean
+  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/features.py)
+  config.baseline = "temporal_mean"  # temporal_mean | zeros
   config.ig_steps = 32              # points on the path (midpoint rule)
-  config.ig_chunk = 8               # points per backward pass: bounds memory
-  config.max_windows = 2            # windows per scan explained (0: all)
+  config.ig_chunk = 2               # points per backward pass (x max_windows windows): memory
+  config.max_windows = 4            # consecutive windows per scan: the clip explained
   config.reconstruction_windows = 8  # reconstruction by region over this many scans (0: off)
   config.min_region_voxels = 10     # smaller regions are listed but not ranked
   config.batch_size = 8             # windows per encoder call for the head's features
   if arg == "test":
     config.data.synthetic_subjects = 48
+    config.ig_steps = 16
+    config.min_region_voxels = 2    # 8 mm voxels: 2 are a 4 mm grid's 16
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")
   return config

@@ -4,6 +4,8 @@ r"""Fine-tune the pretrained encoder with a linear head (ADHD vs control).
         --config.checkpoint=runs/demo --config.mode=full
 
 Same splits and metrics as configs/probe.py; `mode=frozen` trains the head only.
+The classifier pools the encoder's region time courses over a clip of
+`clip_windows` consecutive windows, as the probe pools a whole scan.
 """
 
 import ml_collections
@@ -14,9 +16,10 @@ from roi_mae_jax import config_lib
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = config_lib.downstream("finetune")
   config.mode = "full"              # full | frozen (head only)
-  config.pool = "mean"              # mean | region
+  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/features.py)
+  config.clip_windows = 4           # consecutive windows the classifier reads at once
   config.steps = 60                 # per split
-  config.batch_size = 8             # windows per step
+  config.batch_size = 4             # clips per step
   config.learning_rate = 1e-3       # the head's
   config.encoder_lr_scale = 0.1     # encoder learning rate = this x learning_rate
   config.weight_decay = 1e-4
@@ -26,6 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg == "test":
     config.folds = 3
     config.steps = 6
+    config.clip_windows = 3         # the :test runs have 3 windows
     config.data.synthetic_subjects = 24
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")

@@ -3,13 +3,16 @@ r"""Task `attribute`: integrated gradients of the ADHD logit, aggregated to AAL3
     python -m roi_mae_jax.main --config=configs/attribute.py --workdir=runs/attribution \
         --config.checkpoint=runs/demo
 
-The classifier is the frozen encoder + pooling + the linear probe refitted on
-every labelled subject (saved as classifier_head.npz), or, with
-`--config.classifier=<finetune workdir>`, the classifier that run saved. For each labelled
-subject, up to `max_windows` windows are explained against the baseline
-(`zeros`: the mean of z-scored data, or `temporal_mean`: each voxel's mean
-over the window), summed over frames, averaged over the subject's windows,
-then over subjects per class. Writes to WORKDIR:
+The classifier is the frozen encoder + the subject pool (`pool`, features.py)
++ the linear probe refitted on every labelled subject (saved as
+classifier_head.npz), or, with `--config.classifier=<finetune workdir>`, the
+classifier that run saved. For each labelled subject, a clip of
+`max_windows` consecutive windows of each scan is explained against the
+baseline (`temporal_mean`: each voxel's mean over its window, so the
+fluctuations that amplitude and correlation features read are what is
+attributed; or `zeros`: the mean of z-scored data), summed over frames and
+windows, averaged over the subject's scans, then over subjects per class.
+Writes to WORKDIR:
   attribution_regions.csv   one row per region: id, name, hemisphere, system, voxels and
                             scores (mean |IG| per voxel over all subjects = the main score,
                             sums, signed and absolute per class); ranked, regions under
@@ -39,18 +42,17 @@ import numpy as np
 from absl import logging
 
 from roi_mae_jax import classifier
-from roi_mae_jax import embeddings
 from roi_mae_jax import errors
-from roi_mae_jax import finetune
+from roi_mae_jax import features
 from roi_mae_jax import integrated_gradients as ig
 from roi_mae_jax import linear_probe
 from roi_mae_jax import metrics
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
-from roi_mae_jax import probe
 from roi_mae_jax import region_reconstruction
 from roi_mae_jax.data import shards
+from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("checkpoint", "pool", "ig_steps", "ig_chunk", "baseline")
 OUTPUT_NAMES = ("attribution_regions.csv", "attribution_groups.csv", "attribution_map.nii.gz",
@@ -68,23 +70,34 @@ def baseline_of(windows: np.ndarray, kind: str) -> np.ndarray:
   raise errors.InputError(f"config.baseline must be one of {BASELINES}, got {kind!r}")
 
 
+def clips_by_subject(source, subjects, clip_windows: int) -> dict[str, list[tuple[int, list]]]:
+  """subject -> (scan index, starts of its first `clip_windows` consecutive windows)."""
+  out: dict[str, list[tuple[int, list]]] = {}
+  for i in range(len(source)):
+    subject = str(source.info(i)["subject"])
+    if subject in subjects:
+      starts = features.window_starts(source.num_frames(i), source.frames, 0, clip_windows)
+      out.setdefault(subject, []).append((i, starts))
+  return out
+
+
 def subject_maps(config, pre, source, logit_fn, labels_by_subject: dict) -> tuple[dict, list]:
-  """Per-class mean maps (X, Y, Z) and (sum of IG, logit difference) per window."""
+  """Per-class mean maps (X, Y, Z) and (sum of IG, logit difference) per clip."""
   by_subject: dict[str, list[np.ndarray]] = {}
   errors_ = []
-  windows = embeddings.windows_by_subject(source, labels_by_subject, int(config.max_windows))
-  jobs = [(i, subject, s) for subject, items in windows.items() for i, s in items]
+  clips = clips_by_subject(source, labels_by_subject, int(config.max_windows))
+  jobs = [(subject, i, starts) for subject, items in clips.items() for i, starts in items]
   started = time.time()
-  for n, (i, subject, start) in enumerate(jobs, start=1):
-    window = source.window_at(i, start)[None]
+  for n, (subject, i, starts) in enumerate(jobs, start=1):
+    clip = np.stack([source.window_at(i, s) for s in starts])[None]   # (1, K, X, Y, Z, T)
     attr, delta = ig.integrated_gradients(
-        logit_fn, jnp.asarray(window), jnp.asarray(baseline_of(window, config.baseline)),
+        logit_fn, jnp.asarray(clip), jnp.asarray(baseline_of(clip, config.baseline)),
         steps=int(config.ig_steps), chunk=int(config.ig_chunk))
     errors_.append((float(np.asarray(attr).sum()), float(delta[0])))
-    by_subject.setdefault(subject, []).append(np.asarray(attr)[0].sum(-1))
+    by_subject.setdefault(subject, []).append(np.asarray(attr)[0].sum(axis=(0, -1)))
     if n == len(jobs) or n % 10 == 0:
       rate = n / max(time.time() - started, 1e-9)
-      logging.info("attribution %s %d/%d windows | %.2f windows/s | eta %s",
+      logging.info("attribution %s %d/%d scans | %.2f scans/s | eta %s",
                    metrics.progress_bar(n, len(jobs)), n, len(jobs), rate,
                    metrics.duration((len(jobs) - n) / rate))
   signed = {s: np.mean(v, axis=0) for s, v in by_subject.items()}
@@ -150,10 +163,13 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 
 def probe_classifier(config, pre, source, paths: dict):
-  """The probe's logistic regression refitted on every labelled subject."""
-  feats = embeddings.subject_features(pre, source, config.pool, labelled_only=True,
-                                      batch_size=int(config.batch_size),
-                                      max_windows=int(config.max_windows))
+  """The probe's logistic regression refitted on every labelled subject.
+
+  Fitted on the features of the clips that are explained, so the head reads
+  what the attribution path computes.
+  """
+  feats = features.EncoderFeatures(pre, config.pool, batch_size=int(config.batch_size),
+                                   max_windows=int(config.max_windows))(source)
   head = classifier.fit_linear_head(feats.features, feats.labels, config.pool,
                                     seed=int(config.seed))
   head.save(paths["classifier_head.npz"])
@@ -163,14 +179,15 @@ def probe_classifier(config, pre, source, paths: dict):
                head.c, fit["roc_auc"])
   about = {"kind": "linear probe", "pool": config.pool, "C": head.c,
            "in_sample_auc": fit["roc_auc"]}
-  return (classifier.window_logit(pre, head), dict(zip(feats.subjects, feats.labels.tolist())),
+  return (classifier.clip_logit(pre, head), dict(zip(feats.subjects, feats.labels.tolist())),
           about)
 
 
 def finetuned_classifier(config, pre, source):
   """The classifier a finetune run saved in `config.classifier`."""
-  params, pool = finetune.load_classifier(config.classifier, pre)
-  table = embeddings.subject_table(source)
+  params, meta = classifier.load_classifier(config.classifier, pre)
+  pool = meta["pool"]
+  table = features.subject_table(source)
   labels = dict(zip(table.subjects, table.labels.tolist()))
   about = {"kind": "fine-tuned", "path": os.path.abspath(config.classifier), "pool": pool}
   return (lambda windows: classifier.logits(pre, pool, params, windows)), labels, about
@@ -204,9 +221,10 @@ def completeness_summary(pairs: list[tuple[float, float]]) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
-  baseline_of(np.zeros((1, 1)), config.baseline)  # a bad name fails before any work
+  baseline_of(np.zeros((1, 1)), config.baseline)  # bad names fail before any work
+  features.check_pools(config.pool)
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
-  source = probe.data_source(pre, config.data)
+  source = sources.downstream_source(pre.config, config.data)
   if config.classifier:
     logit_fn, labels, about = finetuned_classifier(config, pre, source)
   else:

@@ -1,24 +1,34 @@
-"""The ADHD classifier attribution explains: frozen encoder -> pooled features -> linear head.
+"""The ADHD classifier that fine-tuning trains and attribution explains.
 
-    head = fit_linear_head(feats.features, feats.labels, pool="region")
-    logit = window_logit(pre, head)           # windows (B, X, Y, Z, T) -> (B,) ADHD logits
+    head = fit_linear_head(feats.features, feats.labels, pool="region_std")
+    logit = clip_logit(pre, head)     # clips (B, K, X, Y, Z, T) -> (B,) ADHD logits
     head.save("head.npz"); LinearHead.load("head.npz")
 
-The head is the linear probe refitted on every labelled subject (standardised
-features, C by inner CV), written as weights on raw features so the whole
-path from voxels to logit is one differentiable JAX function.
+A clip is K consecutive windows of a scan. The encoder turns it into time
+courses of region embeddings, `features.pool_courses` into subject features
+(amplitude, correlation, means: the probe's features), a standardisation and
+a linear head into a logit, all one differentiable JAX function. The head is
+the linear probe refitted on every labelled subject (standardised features,
+C by inner CV), written as weights on raw features.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import errors
+from roi_mae_jax import features as features_lib
 from roi_mae_jax import linear_probe
+from roi_mae_jax import outputs
 from roi_mae_jax import pretrained as pretrained_lib
 
 
@@ -50,10 +60,11 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, pool: str,
                     inner_folds: int = 3, seed: int = 0) -> LinearHead:
   """Logistic regression on all labelled subjects, as the probe fits each fold."""
   model, c = linear_probe.fit_sklearn(features, labels, inner_folds=inner_folds, seed=seed)
-  scaler, logistic = model[0], model[-1]
+  scaler = model[0]
+  weight, bias = linear_probe.weights_of(model)
   scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
   return LinearHead(scaler.mean_.astype(np.float32), scale.astype(np.float32),
-                    logistic.coef_[0].astype(np.float32), float(logistic.intercept_[0]), pool, c)
+                    weight.astype(np.float32), bias, pool, c)
 
 
 def params_of(pre: pretrained_lib.Pretrained, head: LinearHead) -> dict:
@@ -63,14 +74,55 @@ def params_of(pre: pretrained_lib.Pretrained, head: LinearHead) -> dict:
           "norm": {"mean": jnp.asarray(head.mean), "scale": jnp.asarray(head.scale)}}
 
 
-def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, windows) -> jax.Array:
-  """windows (B, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
-  features = pre.pool(pre.encode(params["encoder"], windows), pool)
-  z = (features - params["norm"]["mean"]) / params["norm"]["scale"]
+def clip_features(pre: pretrained_lib.Pretrained, pool: str, encoder_params,
+                  clip: jax.Array) -> jax.Array:
+  """One clip (K, X, Y, Z, T) -> its subject features (F,), as features.EncoderFeatures."""
+  tokens, regions = pre.courses(encoder_params, clip)
+  return features_lib.pool_courses(tokens.reshape(-1, tokens.shape[-1]),
+                                   regions.reshape((-1,) + regions.shape[2:]), pool)
+
+
+def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, clips) -> jax.Array:
+  """clips (B, K, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
+  feats = jax.vmap(lambda c: clip_features(pre, pool, params["encoder"], c))(clips)
+  z = (feats - params["norm"]["mean"]) / params["norm"]["scale"]
   return z @ params["head"]["weight"] + params["head"]["bias"]
 
 
-def window_logit(pre: pretrained_lib.Pretrained, head: LinearHead) -> Callable:
-  """windows (B, X, Y, Z, T) -> (B,) ADHD logits, differentiable end to end."""
+def clip_logit(pre: pretrained_lib.Pretrained, head: LinearHead) -> Callable:
+  """clips (B, K, X, Y, Z, T) -> (B,) ADHD logits, differentiable end to end."""
   params = params_of(pre, head)
-  return lambda windows: logits(pre, head.pool, params, windows)
+  return lambda clips: logits(pre, head.pool, params, clips)
+
+
+def save_classifier(directory: str, params: dict, meta: dict) -> None:
+  """params (encoder, head, norm) with Orbax in `directory`, `meta` beside it as JSON."""
+  ckpt = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False)
+  ckpt.save(int(meta["step"]), {"params": params})
+  ckpt.close()
+  outputs.write_json(directory.rstrip("/") + ".json", meta)
+
+
+def load_classifier(workdir: str, pre: pretrained_lib.Pretrained) -> tuple[dict, dict]:
+  """(params, meta) of the classifier a finetune run saved in `workdir`."""
+  meta_path = os.path.join(workdir, "classifier.json")
+  if not os.path.exists(meta_path):
+    raise errors.InputError(f"{meta_path} is missing: config.classifier must name a finetune "
+                            "workdir")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  features_lib.check_pools(meta["pool"])
+  if meta["pretrained_step"] != pre.step:
+    logging.warning("the classifier was fine-tuned from step %d, the encoder loaded is step %d",
+                    meta["pretrained_step"], pre.step)
+  vector = jax.ShapeDtypeStruct((meta["features"],), jnp.float32)
+  abstract = {"params": {
+      "encoder": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pre.params),
+      "head": {"weight": vector, "bias": jax.ShapeDtypeStruct((), jnp.float32)},
+      "norm": {"mean": vector, "scale": vector}}}
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "classifier"), async_save=False)
+  try:
+    state, _ = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  return state["params"], meta

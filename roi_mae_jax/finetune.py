@@ -1,23 +1,27 @@
-r"""Task `finetune`: encoder + linear head trained with optax, on the probe's splits.
+r"""Task `finetune`: encoder + subject pool + linear head trained with optax, on the probe's splits.
 
     python -m roi_mae_jax.main --config=configs/finetune.py --workdir=runs/finetune \
         --config.checkpoint=runs/demo --config.mode=full
 
-For every split (subject-disjoint k-fold and leave-one-site-out, as in the
-probe) a linear head on pooled features, standardised by window-level
-statistics and started at the class prior, is trained on random windows of
-the training subjects (binary cross-entropy);
-`mode=frozen` trains the head only, `mode=full` the encoder too (at
-`encoder_lr_scale` x the head's learning rate). Test subjects are scored by
-the mean logit over all their windows. A last model is trained on every
-labelled subject and checkpointed with Orbax in WORKDIR/classifier/. Writes
+The classifier reads a clip of `clip_windows` consecutive windows: the
+encoder's region time courses, pooled as the probe pools them (`pool`:
+amplitude, correlation, means), standardised, then a linear head. For every
+split (subject-disjoint k-fold and leave-one-site-out, as in the probe) the
+head starts as the probe's logistic regression fitted on the training
+subjects' clips (C by inner CV) and is trained on random clips of those
+subjects (binary cross-entropy, classes balanced); `mode=frozen` trains the
+head only, `mode=full` the encoder too (at `encoder_lr_scale` x the head's
+learning rate). A test subject's score is its mean logit over all its clips,
+turned into a probability by a logistic calibration fitted on the training
+subjects' mean logits (classes balanced), so the 0.5 threshold comes from
+the training folds only. A last model is trained on every labelled subject
+and checkpointed with Orbax in WORKDIR/classifier/. Writes
 finetune_results.json (scheme -> metric -> mean, std), finetune_table.md.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -26,17 +30,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from sklearn import linear_model
 
-from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import classifier
-from roi_mae_jax import embeddings
 from roi_mae_jax import errors
+from roi_mae_jax import features
 from roi_mae_jax import linear_probe
 from roi_mae_jax import outputs
 from roi_mae_jax import pretrained as pretrained_lib
-from roi_mae_jax import probe
+from roi_mae_jax import probing
+from roi_mae_jax import splits as splits_lib
+from roi_mae_jax.data import sources
 
-REQUIRED_KEYS = ("checkpoint", "mode", "steps", "learning_rate", "pool", "folds")
+REQUIRED_KEYS = ("checkpoint", "mode", "steps", "learning_rate", "pool", "folds",
+                 "clip_windows")
 OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "classifier.json")
 MODES = ("frozen", "full")
 
@@ -60,15 +67,16 @@ class Trainer:
     params["encoder"] = jax.tree.map(jnp.copy, params["encoder"])  # the step donates it
     return {"params": params, "opt_state": self.tx.init(params)}
 
-  def logits(self, params, windows):
-    return classifier.logits(self.pre, self.pool, params, windows)
+  def logits(self, params, clips):
+    return classifier.logits(self.pre, self.pool, params, clips)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-  def step(self, state, windows, labels):
+  def step(self, state, clips, labels, weights):
     def loss_fn(params):
       if self.mode == "frozen":  # no backward pass through the encoder
         params = dict(params, encoder=jax.lax.stop_gradient(params["encoder"]))
-      return optax.sigmoid_binary_cross_entropy(self.logits(params, windows), labels).mean()
+      losses = optax.sigmoid_binary_cross_entropy(self.logits(params, clips), labels)
+      return jnp.sum(weights * losses) / jnp.sum(weights)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -76,132 +84,130 @@ class Trainer:
             "opt_state": opt_state}, loss
 
   @functools.partial(jax.jit, static_argnums=0)
-  def score(self, params, windows):
-    return self.logits(params, windows)
+  def score(self, params, clips):
+    return self.logits(params, clips)
 
 
-def _window_head(trainer: Trainer, source, draws, labels: np.ndarray, batch_size: int):
-  """A zero-weight head standardising with window-level feature statistics.
+def subject_clips(source, subjects, clip_windows: int) -> dict[str, list[list[tuple[int, int]]]]:
+  """subject -> its clips: runs of `clip_windows` consecutive windows (scan, start)."""
+  out: dict[str, list] = {}
+  for i in range(len(source)):
+    subject = str(source.info(i)["subject"])
+    if subject not in subjects:
+      continue
+    starts = features.window_starts(source.num_frames(i), source.frames)
+    for first in range(0, len(starts) - clip_windows + 1, clip_windows):
+      out.setdefault(subject, []).append([(i, s) for s in starts[first:first + clip_windows]])
+  missing = [s for s in subjects if s not in out]
+  if missing:
+    raise errors.InputError(f"subject {missing[0]} has no run of {clip_windows} windows "
+                            f"({len(missing)} subjects); lower config.clip_windows")
+  return out
 
-  Subject means vary far less than single windows, so a head fitted on them
-  gives huge logits on windows; training starts from logit = log-odds instead.
-  """
-  feats = []
-  for first in range(0, len(draws), batch_size):
-    chunk = np.stack([source.window_at(i, s) for i, s in draws[first:first + batch_size]])
-    feats.append(trainer.pre.features(chunk, trainer.pool))
-  feats = np.concatenate(feats)
-  scale = feats.std(0)
-  prior = float(np.clip(labels.mean(), 0.05, 0.95))
-  return classifier.LinearHead(feats.mean(0), np.where(scale > 0, scale, 1.0).astype(np.float32),
-                               np.zeros(feats.shape[1], np.float32),
-                               float(np.log(prior / (1 - prior))), trainer.pool, 0.0)
+
+def _read(source, clips) -> np.ndarray:
+  return np.stack([np.stack([source.window_at(i, s) for i, s in clip]) for clip in clips])
 
 
-def train_one(trainer: Trainer, config, source, feats, train_rows, seed: int):
-  """Trains on random windows of the subjects of `train_rows`; returns the params."""
-  subjects = [feats.subjects[r] for r in train_rows]
-  labels = dict(zip(subjects, feats.labels[train_rows].tolist()))
-  windows = embeddings.windows_by_subject(source, set(subjects))
+def _subject_logits(trainer: Trainer, params, source, clips: dict, subjects,
+                    batch_size: int) -> np.ndarray:
+  """Mean logit over every clip of each subject (fixed-size batches: one compiled shape)."""
+  out = []
+  for subject in subjects:
+    items, scores = clips[subject], []
+    for first in range(0, len(items), batch_size):
+      chunk = items[first:first + batch_size]
+      batch = _read(source, chunk + [chunk[-1]] * (batch_size - len(chunk)))
+      scores.append(np.asarray(trainer.score(params, jnp.asarray(batch)))[:len(chunk)])
+    out.append(float(np.concatenate(scores).mean()))
+  return np.array(out)
+
+
+def _initial_head(trainer: Trainer, config, source, clips: dict, subjects, labels):
+  """The probe's logistic regression on the training subjects' clip features."""
+  rows, y = [], []
+  fn = jax.jit(lambda c: classifier.clip_features(trainer.pre, trainer.pool,
+                                                 trainer.pre.params, c))
+  for subject, label in zip(subjects, labels):
+    for clip in clips[subject]:
+      rows.append(np.asarray(fn(jnp.asarray(_read(source, [clip])[0]))))
+      y.append(label)
+  return classifier.fit_linear_head(np.stack(rows), np.array(y), trainer.pool,
+                                    seed=int(config.seed))
+
+
+def train_one(trainer: Trainer, config, source, clips: dict, subjects, labels, seed: int):
+  """Trains on random clips of `subjects`; returns (params, calibration (a, b))."""
+  head = _initial_head(trainer, config, source, clips, subjects, labels)
+  state = trainer.init(head)
   rng = np.random.default_rng(seed)
-
-  def draw(count):
-    picks = rng.choice(len(subjects), count)
-    return [windows[subjects[p]][rng.integers(len(windows[subjects[p]]))] for p in picks], \
-        np.array([labels[subjects[p]] for p in picks], np.float32)
-
-  stats_draws, stats_labels = draw(max(4 * int(config.batch_size), 32))
-  state = trainer.init(_window_head(trainer, source, stats_draws, stats_labels,
-                                    int(config.batch_size)))
+  counts = np.bincount(labels, minlength=2)
+  class_weight = len(labels) / (2 * np.maximum(counts, 1))
   losses = []
   for step in range(int(config.steps)):
-    picks, y = draw(int(config.batch_size))
-    batch = np.stack([source.window_at(i, s) for i, s in picks])
-    state, loss = trainer.step(state, jnp.asarray(batch), jnp.asarray(y))
+    picks = rng.choice(len(subjects), int(config.batch_size))
+    batch = _read(source, [clips[subjects[p]][rng.integers(len(clips[subjects[p]]))]
+                           for p in picks])
+    y = labels[picks].astype(np.float32)
+    state, loss = trainer.step(state, jnp.asarray(batch), jnp.asarray(y),
+                               jnp.asarray(class_weight[labels[picks]], jnp.float32))
     losses.append(loss)
     if (step + 1) % max(1, int(config.steps) // 4) == 0:
       logging.info("finetune step %d/%d: loss %.4f (mean since the last line)", step + 1,
                    config.steps, float(np.mean(jax.device_get(losses))))
       losses = []
-  return state["params"]
+  train_logits = _subject_logits(trainer, state["params"], source, clips, subjects,
+                                 int(config.batch_size))
+  calibration = linear_model.LogisticRegression(class_weight="balanced").fit(
+      train_logits[:, None], labels)
+  return state["params"], (float(calibration.coef_[0, 0]), float(calibration.intercept_[0]))
 
 
-def subject_probabilities(trainer: Trainer, params, source, subjects: list[str],
-                          batch_size: int) -> np.ndarray:
-  """Mean logit over every window of each subject -> probability of ADHD."""
-  windows = embeddings.windows_by_subject(source, set(subjects))
-  probs = []
-  for subject in subjects:
-    scores = []
-    items = windows[subject]
-    for first in range(0, len(items), batch_size):
-      chunk = np.stack([source.window_at(i, s) for i, s in items[first:first + batch_size]])
-      scores.append(np.asarray(trainer.score(params, jnp.asarray(chunk))))
-    probs.append(1 / (1 + np.exp(-np.concatenate(scores).mean())))
-  return np.array(probs)
+def _probabilities(logit: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
+  a, b = calibration
+  return 1 / (1 + np.exp(-(a * logit + b)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.mode not in MODES:
     raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+  features.check_pools(config.pool)
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
-  source = probe.data_source(pre, config.data)
-  feats = embeddings.subject_table(source)  # subjects, sites, labels: no encoder run
-  splits = probe.make_splits(config, feats)
+  source = sources.downstream_source(pre.config, config.data)
+  table = features.subject_table(source)  # subjects, sites, labels: no encoder run
+  splits = splits_lib.from_config(config, table.subjects, table.labels, table.sites)
+  clips = subject_clips(source, set(table.subjects), int(config.clip_windows))
   trainer = Trainer(pre, config)
   per_split = {}
   for n, split in enumerate(splits, start=1):
-    params = train_one(trainer, config, source, feats, split.train, int(config.seed) + n)
-    test_subjects = [feats.subjects[r] for r in split.test]
-    probs = subject_probabilities(trainer, params, source, test_subjects,
-                                  int(config.batch_size))
-    metrics = linear_probe.binary_metrics(feats.labels[split.test], probs)
+    train_subjects = [table.subjects[r] for r in split.train]
+    params, calibration = train_one(trainer, config, source, clips, train_subjects,
+                                    table.labels[split.train], int(config.seed) + n)
+    test_subjects = [table.subjects[r] for r in split.test]
+    probs = _probabilities(_subject_logits(trainer, params, source, clips, test_subjects,
+                                           int(config.batch_size)), calibration)
+    metrics = linear_probe.binary_metrics(table.labels[split.test], probs)
     per_split.setdefault(split.scheme, []).append(dict(metrics, split=split.name))
-    logging.info("finetune split %d/%d (%s %s): AUC %.3f", n, len(splits), split.scheme,
-                 split.name, metrics["roc_auc"])
-  results = {scheme: linear_probe.summarise(v) for scheme, v in per_split.items()}
-  results["splits"] = per_split
+    logging.info("finetune split %d/%d (%s %s): balanced acc. %.3f, AUC %.3f", n, len(splits),
+                 split.scheme, split.name, metrics["balanced_accuracy"], metrics["roc_auc"])
+  summary = {scheme: linear_probe.summarise(v) for scheme, v in per_split.items()}
+  results = dict(summary, splits=per_split)
   results["meta"] = {"checkpoint": os.path.abspath(config.checkpoint), "mode": config.mode,
                      "steps": int(config.steps), "pool": config.pool,
-                     "subjects": len(feats.subjects)}
+                     "clip_windows": int(config.clip_windows),
+                     "subjects": len(table.subjects)}
   outputs.write_json(paths["finetune_results.json"], results)
+  text = probing.markdown_table({"features": {f"{config.mode} ({config.pool})": summary}})
   with open(paths["finetune_table.md"], "w", encoding="utf-8") as f:
-    f.write(f"Fine-tuning ({config.mode}, {config.steps} steps), ADHD vs control: "
-            f"{len(feats.subjects)} subjects\n\n" +
-            probe.markdown_table(results, method=config.mode))
-  final = train_one(trainer, config, source, feats, np.arange(len(feats.subjects)),
-                    int(config.seed))
-  ckpt = checkpoint_lib.Checkpointer(paths["classifier"], keep=1, async_save=False)
-  ckpt.save(int(config.steps), {"params": final})
-  ckpt.close()
-  outputs.write_json(paths["classifier.json"], {
+    f.write(f"Fine-tuning ({config.mode}, {config.steps} steps, clips of "
+            f"{config.clip_windows} windows), ADHD vs control: {len(table.subjects)} "
+            "subjects\n\n" + text)
+  final, calibration = train_one(trainer, config, source, clips, table.subjects, table.labels,
+                                 int(config.seed))
+  classifier.save_classifier(paths["classifier"], final, {
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),
+      "clip_windows": int(config.clip_windows), "calibration": list(calibration),
       "mode": config.mode, "step": int(config.steps)})
-  logging.info("finetune results:\n%s\nclassifier saved in %s",
-               probe.markdown_table(results, method=config.mode), paths["classifier"])
-
-
-def load_classifier(workdir: str, pre: pretrained_lib.Pretrained):
-  """(params, pool) of the classifier a finetune run saved in `workdir`."""
-  meta_path = os.path.join(workdir, "classifier.json")
-  if not os.path.exists(meta_path):
-    raise errors.InputError(f"{meta_path} is missing: config.classifier must name a finetune "
-                            "workdir")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta["pretrained_step"] != pre.step:
-    logging.warning("the classifier was fine-tuned from step %d, the encoder loaded is step %d",
-                    meta["pretrained_step"], pre.step)
-  vector = jax.ShapeDtypeStruct((meta["features"],), jnp.float32)
-  abstract = {"params": {
-      "encoder": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pre.params),
-      "head": {"weight": vector, "bias": jax.ShapeDtypeStruct((), jnp.float32)},
-      "norm": {"mean": vector, "scale": vector}}}
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "classifier"), async_save=False)
-  try:
-    state, _ = ckpt.restore(abstract)
-  finally:
-    ckpt.close()
-  return state["params"], meta["pool"]
+  logging.info("finetune results:\n%s\nclassifier saved in %s", text, paths["classifier"])

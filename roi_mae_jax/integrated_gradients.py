@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "steps", "chunk"))
+# XLA:CPU's YNNPACK fusions crash (SIGSEGV in YnnFusionThunk, jaxlib 0.10.2) on the
+# scanned, batched backward pass of a classifier over clips; this program goes without.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def integrated_gradients(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
                          baseline: jax.Array | None = None, steps: int = 64,
                          chunk: int = 8) -> tuple[jax.Array, jax.Array]:
@@ -29,6 +33,16 @@ def integrated_gradients(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
   `fn` maps a batch (B, ...) to one scalar per example (B,), e.g. a logit;
   `baseline` defaults to zeros (the mean, in z-scored data).
   """
+  return _compiled(jax.default_backend())(fn, x, baseline, steps=steps, chunk=chunk)
+
+
+@functools.cache
+def _compiled(backend: str):
+  return jax.jit(_integrated_gradients, static_argnames=("fn", "steps", "chunk"),
+                 compiler_options=_CPU_OPTIONS if backend == "cpu" else None)
+
+
+def _integrated_gradients(fn, x, baseline, steps: int, chunk: int):
   x0 = jnp.zeros_like(x) if baseline is None else baseline
   chunk = max(1, min(chunk, steps))
   padded = -(-steps // chunk) * chunk

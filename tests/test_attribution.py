@@ -29,50 +29,45 @@ def test_ig_of_a_linear_model_is_input_times_weight():
   assert ig.completeness_error(attr, delta).max() < 1e-4
 
 
-def test_ig_is_complete_on_the_mae_classifier(pretrained_dir):
+@pytest.mark.parametrize("pool", ["region_std", "region_corr"])
+def test_ig_is_complete_on_the_mae_classifier(pretrained_dir, pool):
   pre = pretrained_lib.load_pretrained(str(pretrained_dir))
   rng = np.random.default_rng(1)
-  features = len(pre.pooled_regions) * pre.features(
-      np.zeros((1,) + pre.spec.window_shape, np.float32), "region").shape[1] // len(
-          pre.pooled_regions)
-  head = classifier.LinearHead(np.zeros(features, np.float32), np.ones(features, np.float32),
-                               rng.standard_normal(features).astype(np.float32), 0.1,
-                               "region", 1.0)
-  window = jnp.asarray(rng.standard_normal((1,) + pre.spec.window_shape), jnp.float32)
-  attr, delta = ig.integrated_gradients(classifier.window_logit(pre, head), window,
-                                        steps=32, chunk=8)
+  clip = rng.standard_normal((1, 2) + pre.spec.window_shape).astype(np.float32)
+  dim = classifier.clip_features(pre, pool, pre.params, jnp.asarray(clip[0])).shape[0]
+  head = classifier.LinearHead(np.zeros(dim, np.float32), np.ones(dim, np.float32),
+                               rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim),
+                               0.1, pool, 1.0)
+  baseline = np.broadcast_to(clip.mean(-1, keepdims=True), clip.shape)
+  attr, delta = ig.integrated_gradients(classifier.clip_logit(pre, head), jnp.asarray(clip),
+                                        jnp.asarray(baseline), steps=64, chunk=8)
   assert abs(float(delta[0])) > 1e-3
-  assert ig.completeness_error(attr, delta)[0] < 0.01
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-  """`:test` pretraining for 100 steps on 48 subjects with a 3% level effect added."""
-  config = load_config("pretrain_aal3", "test")
-  config.update(total_steps=100, log_every=50, checkpoint_every=100)
-  config.data.synthetic.update(num_subjects=48, effect_level_percent=3.0)
-  workdir = tmp_path_factory.mktemp("trained")
-  tasks.run_task(config, str(workdir))
-  return workdir
+  assert ig.completeness_error(attr, delta)[0] < 0.02
 
 
 @pytest.mark.slow
-def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
+def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path):
+  """The realistic preset: four small left regions, amplitude and decoupling only."""
+  from roi_mae_jax.data import synthetic
+  trained_dir = pretrained_dir
   config = load_config("attribute", "test")
   config.checkpoint = str(trained_dir)
   tasks.run_task(config, str(tmp_path))
   with open(tmp_path / "attribution_regions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   ranked = [r for r in rows if r["rank"]]
-  planted = [r["system"] in ("limbic", "cerebellum") for r in ranked]  # the synthetic default
+  rank = {r["name"]: int(r["rank"]) for r in ranked}
+  planted = synthetic.PRESETS["realistic"]["effect_regions"].split(",")
   decile = max(1, len(ranked) // 10)
-  assert np.mean(planted[:decile]) >= 0.75 > 2 * np.mean(planted), [
-      r["name"] for r in ranked[:decile]]
+  for name in planted:
+    mirror = name[:-2] + "_R"
+    assert rank[name] <= decile and rank[name] < rank[mirror], (
+        name, rank[name], rank[mirror], [r["name"] for r in ranked[:decile]])
   assert [int(r["rank"]) for r in ranked] == list(range(1, len(ranked) + 1))
   assert all(int(r["voxels"]) < config.min_region_voxels for r in rows if not r["rank"])
   summary = json.loads((tmp_path / "attribution_summary.json").read_text())
-  assert summary["completeness"]["max_over_mean_delta"] < 0.01 and summary["subjects"] == 48
-  assert summary["completeness"]["relative_median"] < 0.01
+  assert summary["completeness"]["max_over_mean_delta"] < 0.05 and summary["subjects"] == 48
+  assert summary["completeness"]["relative_median"] < 0.05
   image = nib.load(tmp_path / "attribution_map.nii.gz")
   pre = pretrained_lib.load_pretrained(str(trained_dir))
   assert image.shape == pre.patch_map.atlas.grid.shape + (4,)
@@ -81,8 +76,8 @@ def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
     group_table = list(csv.DictReader(f))
   groups = {(r["level"], r["name"]) for r in group_table}
   assert {("hemisphere", "L"), ("hemisphere", "R"), ("system", "limbic")} <= groups
-  systems = [r["name"] for r in group_table if r["level"] == "system"]
-  assert systems[0] in ("limbic", "cerebellum"), systems
+  hemispheres = [r["name"] for r in group_table if r["level"] == "hemisphere"]
+  assert hemispheres[0] == "L", hemispheres   # every planted region is on the left
   assert (tmp_path / "attribution.png").stat().st_size > 10_000
   with open(tmp_path / "reconstruction_by_region.csv", newline="") as f:
     recon = list(csv.DictReader(f))
@@ -90,7 +85,7 @@ def test_attribution_ranks_the_planted_regions_first(trained_dir, tmp_path):
   assert float(recon[0]["mse"]) <= float(recon[-1]["mse"])
   assert (tmp_path / "reconstruction_by_region.png").stat().st_size > 10_000
   head = classifier.LinearHead.load(str(tmp_path / "classifier_head.npz"))
-  assert head.pool == "region" and head.weight.shape == head.mean.shape
+  assert head.pool == config.pool and head.weight.shape == head.mean.shape
 
 
 def test_bad_baseline_is_refused_before_work(tmp_path):

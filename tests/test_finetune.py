@@ -20,16 +20,19 @@ def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
   tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "finetune_results.json").read_text())
   assert results["kfold"]["roc_auc"]["n"] == 3 and results["meta"]["subjects"] == 24
-  assert f"| kfold | {mode} |" in (tmp_path / "finetune_table.md").read_text()
+  assert f"| {mode} (region_std) | kfold |" in (tmp_path / "finetune_table.md").read_text()
+  meta = json.loads((tmp_path / "classifier.json").read_text())
+  assert meta["pool"] == "region_std" and len(meta["calibration"]) == 2
+  dim = meta["features"]
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "classifier"), async_save=False)
   assert ckpt.latest_step() == config.steps
   pre = pretrained_lib.load_pretrained(str(pretrained_dir))
   abstract = {"params": {
       "encoder": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pre.params),
-      "head": {"weight": jax.ShapeDtypeStruct((64,), np.float32),
+      "head": {"weight": jax.ShapeDtypeStruct((dim,), np.float32),
                "bias": jax.ShapeDtypeStruct((), np.float32)},
-      "norm": {"mean": jax.ShapeDtypeStruct((64,), np.float32),
-               "scale": jax.ShapeDtypeStruct((64,), np.float32)}}}
+      "norm": {"mean": jax.ShapeDtypeStruct((dim,), np.float32),
+               "scale": jax.ShapeDtypeStruct((dim,), np.float32)}}}
   state, _ = ckpt.restore(abstract)
   ckpt.close()
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
@@ -38,7 +41,7 @@ def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
   if mode == "full":  # the saved classifier is what attribute explains
     attribute = load_config("attribute", "test")
     attribute.update(checkpoint=str(pretrained_dir), classifier=str(tmp_path),
-                     reconstruction_windows=0, max_windows=1, ig_steps=8)
+                     reconstruction_windows=0, max_windows=3, ig_steps=8)
     attribute.data.synthetic_subjects = 24
     tasks.run_task(attribute, str(tmp_path / "attribution"))
     summary = json.loads((tmp_path / "attribution" / "attribution_summary.json").read_text())
