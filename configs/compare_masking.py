@@ -26,6 +26,7 @@ from configs import finetune as finetune_config
 from configs import pretrain_aal3
 from configs import probe as probe_config
 from roi_mae_jax import region_objectives
+from roi_mae_jax.data import synthetic
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -33,7 +34,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.task = "compare"
   config.strategies = "roi,random"     # also: tube, roi_time, roi_weighted, roi_adaptive
   config.seeds = "0,1"                 # pretraining seeds; each pairs with the same splits
-  config.baseline = "random"           # differences are strategy - baseline
+  config.baseline = "random"           # differences are row - baseline (a strategy or a
+                                       # probe baseline: region_stats, fc, init)
   config.data_seed = 0                 # the synthetic subjects, the same in every run
   config.run_finetune = False
   config.run_attribute = True          # attribution by system + reconstruction by region
@@ -43,6 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   for system in ("limbic", "basal_ganglia", "thalamus"):
     config.weighted_loss.system_weights[system] = 2.0
   config.pretrain = pretrain_aal3.get_config("adhd200" if arg == "adhd200" else "")
+  # The subjects of the demo: a few small left-hemisphere regions, amplitude and
+  # decoupling only (data/synthetic.py PRESETS), as in the downstream configs.
+  synthetic.apply_preset(config.pretrain.data.synthetic, "realistic")
   config.probe = probe_config.get_config()
   config.finetune = finetune_config.get_config()
   config.attribute = attribute_config.get_config()
@@ -64,7 +69,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.probe = probe_config.get_config("test")
     config.probe.schemes = "kfold"
     config.probe.jax_probe = False
-    config.probe.pool = "mean"
     config.probe.data.synthetic_subjects = 0
     config.attribute.max_windows = 1
     config.attribute.ig_steps = 4

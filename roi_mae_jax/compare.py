@@ -37,6 +37,7 @@ from absl import logging
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import config_lib
 from roi_mae_jax import errors
+from roi_mae_jax import features
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
@@ -46,7 +47,7 @@ from roi_mae_jax import train
 REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
 OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
 RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute")
-METRICS = {"accuracy": "accuracy", "roc_auc": "AUC"}
+METRICS = {"balanced_accuracy": "balanced acc.", "roc_auc": "AUC", "accuracy": "accuracy"}
 
 # Strategy name -> settings of the pretraining config it changes. The last two
 # are the paper's future work (region_objectives): `roi_weighted` takes its loss
@@ -84,9 +85,10 @@ def plan_runs(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
   if unknown:
     raise errors.InputError(f"unknown strategies {', '.join(unknown)}; known: "
                             f"{', '.join(VARIANTS)}")
-  if config.baseline not in strategies:
+  rows = strategies + features.baseline_names(config.probe.get("baselines", ""))
+  if config.baseline not in rows:
     raise errors.InputError(f"config.baseline={config.baseline!r} is not among the "
-                            f"strategies {', '.join(strategies)}")
+                            f"strategies or probe baselines {', '.join(rows)}")
   try:
     seeds = [int(s) for s in _names(config.seeds, "seeds")]
   except ValueError:
@@ -107,9 +109,11 @@ def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
   return run
 
 
-def _downstream(block: ml_collections.ConfigDict, checkpoint: str) -> ml_collections.ConfigDict:
+def _downstream(block: ml_collections.ConfigDict, checkpoint: str,
+                **changes) -> ml_collections.ConfigDict:
   run = ml_collections.ConfigDict(block.to_dict())
   run.checkpoint = checkpoint
+  run.update(changes)
   return run
 
 
@@ -127,8 +131,13 @@ def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, objec
   """(name, config, workdir, done-marker file) of one run's tasks, in order."""
   base = os.path.join(root, "runs", strategy, f"seed{seed}")
   pretrain_dir = os.path.join(base, "pretrain")
+  # The classical baselines do not depend on the strategy (init is the seed's
+  # initial encoder, the same for every strategy): only the first one's probe runs them.
+  first = _names(config.strategies, "strategies")[0]
+  probe = (_downstream(config.probe, pretrain_dir) if strategy == first
+           else _downstream(config.probe, pretrain_dir, baselines=""))
   steps = [("pretrain", pretrain_config(config, strategy, seed), "pretrain_summary.json"),
-           ("probe", _downstream(config.probe, pretrain_dir), "probe_results.json")]
+           ("probe", probe, "probe_results.json")]
   if config.get("run_finetune"):
     steps.append(("finetune", _downstream(config.finetune, pretrain_dir),
                   "finetune_results.json"))
@@ -166,11 +175,15 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return done
 
 
-def _split_scores(results_path: str, key: str) -> dict[str, dict[str, float]]:
-  """metric -> {split name: value} of one scheme in a probe/finetune results file."""
+def _split_scores(results_path: str, scheme: str,
+                  feature_set: str = "") -> dict[str, dict[str, float]]:
+  """metric -> {split name: value} of one scheme (of one feature set of a probe)."""
   with open(results_path, encoding="utf-8") as f:
-    splits = json.load(f)["splits"].get(key, [])
-  return {m: {s["split"]: float(s[m]) for s in splits} for m in METRICS}
+    splits = json.load(f)["splits"]
+  if feature_set:
+    splits = splits.get(feature_set, {})
+  splits = splits.get(scheme, [])
+  return {m: {s["split"]: float(s[m]) for s in splits if m in s} for m in METRICS}
 
 
 def _read_csv(path: str) -> list[dict]:
@@ -209,27 +222,37 @@ def _attribution_summary(paths: list[str]) -> dict:
 def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
   """The comparison: per-strategy scores, paired differences, region summaries."""
   strategies = _names(config.strategies, "strategies")
+  baselines = features.baseline_names(config.probe.get("baselines", ""))
   folds = int(config.probe.folds)
   evaluations = {"probe": ("probe_results.json", "kfold")}
   if config.get("run_finetune"):
     evaluations["finetune"] = ("finetune_results.json", "kfold")
-  results = {"strategies": strategies, "seeds": [int(s) for s in _names(config.seeds, "seeds")],
+  results = {"strategies": strategies, "baselines": baselines,
+             "seeds": [int(s) for s in _names(config.seeds, "seeds")],
              "baseline": config.baseline, "folds": folds,
              "repeats": int(config.probe.get("repeats", 1)), "evaluations": {}}
   for evaluation, (filename, scheme) in evaluations.items():
-    scores = {s: {m: {} for m in METRICS} for s in strategies}
+    # Rows: each strategy's encoder, then (probe only) the baselines of its first strategy.
+    rows = strategies + (baselines if evaluation == "probe" else [])
+    scores = {r: {m: {} for m in METRICS} for r in rows}
     for (strategy, seed), dirs in done.items():
-      per_metric = _split_scores(os.path.join(dirs[evaluation], filename), scheme)
-      for metric, by_split in per_metric.items():
-        scores[strategy][metric].update({(seed, split): v for split, v in by_split.items()})
+      path = os.path.join(dirs[evaluation], filename)
+      sets = {strategy: "encoder"} if evaluation == "probe" else {strategy: ""}
+      if evaluation == "probe" and strategy == strategies[0]:
+        sets.update({b: b for b in baselines})
+      for row, feature_set in sets.items():
+        for metric, by_split in _split_scores(path, scheme, feature_set).items():
+          scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
+    references = [r for r in dict.fromkeys([config.baseline, "init"]) if r in rows]
     table = {}
-    for strategy in strategies:
-      row = {m: comparison_stats.describe(scores[strategy][m]) for m in METRICS}
-      if strategy != config.baseline:
-        row["vs_baseline"] = {m: comparison_stats.paired_difference(
-            scores[strategy][m], scores[config.baseline][m], test_fraction=1 / folds)
-                              for m in METRICS}
-      table[strategy] = row
+    for row in rows:
+      entry = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
+      for reference in references:
+        if row != reference and row in strategies:
+          key = "vs_baseline" if reference == config.baseline else f"vs_{reference}"
+          entry[key] = {m: comparison_stats.paired_difference(
+              scores[row][m], scores[reference][m], test_fraction=1 / folds) for m in METRICS}
+      table[row] = entry
     results["evaluations"][evaluation] = table
   if config.get("run_attribute"):
     for strategy in strategies:
@@ -252,22 +275,33 @@ def _difference(d: dict) -> str:
 def markdown(results: dict) -> str:
   """compare_table.md."""
   baseline, lines = results["baseline"], []
+  baselines = results.get("baselines", [])
+  shown = ("balanced_accuracy", "roc_auc")
   for evaluation, table in results["evaluations"].items():
     n = next(iter(table.values()))["roc_auc"]["n"]
     repeats = f" x {results['repeats']} repeats" if results.get("repeats", 1) > 1 else ""
+    with_init = any("vs_init" in row for row in table.values())
     lines += [f"### {evaluation}: ADHD vs control, {len(results['seeds'])} seeds x "
-              f"{results['folds']}-fold{repeats} ({n} paired scores per strategy)", "",
-              "| strategy | accuracy | AUC | accuracy - " + baseline + " (95% CI, p) | AUC - "
-              + baseline + " (95% CI, p) |", "|---|---|---|---|---|"]
-    for strategy, row in table.items():
-      diffs = ([_difference(row["vs_baseline"][m]) for m in METRICS] if "vs_baseline" in row
-               else ["(baseline)", "(baseline)"])
-      lines.append(f"| {strategy} | {_cell(row['accuracy'])} | {_cell(row['roc_auc'])} | "
-                   + " | ".join(diffs) + " |")
+              f"{results['folds']}-fold{repeats} ({n} paired scores per row)", "",
+              "| features | balanced acc. | AUC | balanced acc. - " + baseline +
+              " (95% CI, p) | AUC - " + baseline + " (95% CI, p) |" +
+              (" balanced acc. - init (95% CI, p) | AUC - init (95% CI, p) |" if with_init
+               else ""), "|---|---|---|---|---|" + ("---|---|" if with_init else "")]
+    for name, row in table.items():
+      label = f"{name} (baseline)" if name in baselines else f"{name} encoder"
+      cells = [_cell(row[m]) for m in shown]
+      for key in ("vs_baseline",) + (("vs_init",) if with_init else ()):
+        reference = baseline if key == "vs_baseline" else "init"
+        if key in row:
+          cells += [_difference(row[key][m]) for m in shown]
+        else:
+          cells += ["(reference)" if name == reference else "–"] * 2
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-  lines.append("Mean ± std over seeds x folds. Differences are paired over (seed, fold); "
-               "interval and p from the Nadeau-Bengio corrected resampled t-test (folds share "
-               "training subjects).")
+  lines.append("Mean ± std over seeds x folds; baselines (classical features of the data, the "
+               "randomly initialised encoder) are probed on the same subjects and splits. "
+               "Differences are paired over (seed, fold); interval and p from the "
+               "Nadeau-Bengio corrected resampled t-test (folds share training subjects).")
   if results.get("reconstruction_by_region"):
     lines += ["", "### reconstruction by region and attribution by system", "",
               "| strategy | mean region MSE | best regions | worst regions | top systems "

@@ -228,14 +228,15 @@ def reconstruction_by_region_figure(rows: Sequence[Mapping], show: int = 15) -> 
 
 
 def compare_figure(results: Mapping) -> plt.Figure:
-  """Accuracy and AUC per strategy (mean ± std over seeds x folds), one panel per evaluation."""
+  """Balanced accuracy and AUC per row (mean ± std over seeds x folds), a panel per evaluation."""
   evaluations = results["evaluations"]
   fig, axes = plt.subplots(1, len(evaluations), figsize=(4.2 * len(evaluations), 3.6),
                            squeeze=False)
   for ax, (evaluation, table) in zip(axes[0], evaluations.items()):
     strategies = list(table)
     x = np.arange(len(strategies))
-    for k, (metric, label) in enumerate((("accuracy", "accuracy"), ("roc_auc", "AUC"))):
+    for k, (metric, label) in enumerate((("balanced_accuracy", "balanced acc."),
+                                         ("roc_auc", "AUC"))):
       means = [table[s][metric]["mean"] for s in strategies]
       stds = [table[s][metric]["std"] for s in strategies]
       ax.bar(x + (k - 0.5) * 0.38, means, 0.36, yerr=stds, capsize=3, label=label)

@@ -55,19 +55,23 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   tasks.run_task(config, str(tmp_path))
   results = json.loads((tmp_path / "compare_results.json").read_text())
   probe = results["evaluations"]["probe"]
-  assert results["strategies"] == ["roi", "random"] and sorted(probe) == ["random", "roi"]
-  for strategy in probe:
-    assert probe[strategy]["roc_auc"]["n"] == 3  # one seed x 3 folds
-    assert 0 <= probe[strategy]["accuracy"]["mean"] <= 1
+  assert results["strategies"] == ["roi", "random"]
+  assert list(probe) == ["roi", "random", "region_stats", "fc", "init"]
+  for row in probe:
+    assert probe[row]["roc_auc"]["n"] == 3  # one seed x 3 folds
+    assert 0 <= probe[row]["balanced_accuracy"]["mean"] <= 1
   diff = probe["roi"]["vs_baseline"]["roc_auc"]
   assert diff["n"] == 3 and diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
-  assert "vs_baseline" not in probe["random"]
+  assert "vs_baseline" not in probe["random"] and probe["random"]["vs_init"]["roc_auc"]["n"] == 3
+  # The baselines were probed once, in the first strategy's runs.
+  with open(tmp_path / "runs" / "random" / "seed0" / "probe" / "probe_results.json") as f:
+    assert list(json.load(f)["features"]) == ["encoder"]
   # Both strategies were probed on the same subjects and the same splits.
   splits = {}
   for strategy in ("roi", "random"):
     with open(tmp_path / "runs" / strategy / "seed0" / "probe" / "probe_results.json") as f:
       probed = json.load(f)
-    splits[strategy] = ([s["split"] for s in probed["splits"]["kfold"]],
+    splits[strategy] = ([s["split"] for s in probed["splits"]["encoder"]["kfold"]],
                         probed["meta"]["subjects"])
   assert splits["roi"] == splits["random"]
   masks = [json.loads((tmp_path / "runs" / s / "seed0" / "pretrain" / "pretrain_summary.json")
@@ -76,7 +80,8 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   assert set(results["reconstruction_by_region"]["roi"]["system_mse"]) >= {"limbic", "cerebellum"}
   assert results["attribution_by_system"]["random"]["top_systems"]
   table = (tmp_path / "compare_table.md").read_text()
-  assert "| roi |" in table and "(baseline)" in table and "p = " in table
+  assert "| roi encoder |" in table and "| fc (baseline) |" in table and "p = " in table
+  assert "(reference)" in table and "balanced acc. - init" in table
   assert (tmp_path / "compare.png").stat().st_size > 0
 
   # Repeated: every finished run is reused, the summary written again.
@@ -99,17 +104,21 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
     tasks.run_task(config, str(tmp_path))
 
 
-def _write_results(path, scores):
+def _write_results(path, scores, baselines=()):
   path.mkdir(parents=True)
-  splits = [{"split": f"seed0/fold{k}", "accuracy": a, "roc_auc": u}
+  splits = [{"split": f"seed0/fold{k}", "accuracy": a, "balanced_accuracy": a, "roc_auc": u}
             for k, (a, u) in enumerate(scores)]
-  name = "probe_results.json" if path.name == "probe" else "finetune_results.json"
-  (path / name).write_text(json.dumps({"splits": {"kfold": splits}}))
+  if path.name == "probe":  # feature set -> scheme -> splits
+    payload = {name: {"kfold": splits} for name in ("encoder",) + tuple(baselines)}
+    (path / "probe_results.json").write_text(json.dumps({"splits": payload}))
+  else:
+    (path / "finetune_results.json").write_text(json.dumps({"splits": {"kfold": splits}}))
 
 
 def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune(tmp_path):
   config = load_config("compare_masking", "test")
   config.seeds, config.run_finetune, config.run_attribute = "0,1", True, False
+  config.probe.baselines = "init"
   done = {}
   for strategy, shift in (("roi", 0.1), ("random", 0.0)):
     for seed in (0, 1):
@@ -117,7 +126,8 @@ def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune(tmp_path):
       for step in ("probe", "finetune"):
         dirs[step] = tmp_path / strategy / str(seed) / step
         _write_results(dirs[step], [(0.6 + shift + 0.01 * k + 0.02 * seed, 0.7 + shift)
-                                    for k in range(3)])
+                                    for k in range(3)],
+                       baselines=("init",) if strategy == "roi" else ())
       done[(strategy, seed)] = dirs
   results = compare.summarise(config, done)
   for evaluation in ("probe", "finetune"):
@@ -125,5 +135,10 @@ def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune(tmp_path):
     assert table["roi"]["accuracy"]["n"] == 6
     diff = table["roi"]["vs_baseline"]["accuracy"]
     assert diff["n"] == 6 and diff["mean"] == pytest.approx(0.1) and diff["p"] < 1e-6
+  # init: the encoder rows of the first strategy's file (the same numbers as roi here)
+  init = results["evaluations"]["probe"]["init"]
+  assert init["accuracy"]["n"] == 6 and "init" not in results["evaluations"]["finetune"]
+  assert results["evaluations"]["probe"]["random"]["vs_init"]["accuracy"]["mean"] == (
+      pytest.approx(-0.1))
   text = compare.markdown(results)
   assert "### finetune" in text and "+0.100 [+0.100, +0.100]" in text

@@ -28,6 +28,6 @@ def test_notebook_probes_and_ranks_regions(pretrained_dir, tmp_path, monkeypatch
   client.execute()  # raises CellExecutionError, with the cell, if any cell fails
   text = "\n".join(_text(c) for c in notebook.cells if c.cell_type == "code")
   assert "step 6, model tiny" in text
-  assert "| kfold | sklearn |" in text and "| loso | sklearn |" in text
+  assert "| encoder | kfold |" in text and "| region_stats | loso |" in text
   assert "completeness:" in text and "contrast" in text
   assert (tmp_path / "region_ranking.png").stat().st_size > 10_000
