@@ -1,0 +1,257 @@
+"""Faults and bad input: workdir locks, config values, damaged checkpoints, a full disk."""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config, prepare_config
+from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import checkpoint_integrity
+from roi_mae_jax import errors
+from roi_mae_jax import outputs
+from roi_mae_jax import tasks
+from roi_mae_jax import workdir_lock
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "roi_mae_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# --- One writer per workdir ---------------------------------------------------
+
+HOLDER = """
+import sys, time
+from roi_mae_jax import workdir_lock
+workdir_lock.WorkdirLock(sys.argv[1], "pretrain").acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def held_workdir(tmp_path):
+  """A workdir whose lock another live process holds; yields (workdir, that process)."""
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  yield workdir, holder
+  if holder.poll() is None:
+    holder.kill()
+  holder.wait()
+
+
+def test_second_writer_gets_one_line_naming_the_holder_then_a_dead_one_is_taken_over(
+    held_workdir):
+  workdir, holder = held_workdir
+  done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={workdir}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = _error_lines(done.stderr)
+  assert len(lines) == 1 and "Traceback" not in done.stderr
+  assert f"PID {holder.pid} on host {socket.gethostname()}" in lines[0]
+  assert "task pretrain" in lines[0]
+  assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_FILE]  # nothing written
+  holder.kill()  # SIGKILL: the lock file still names it, but its flock is gone
+  holder.wait()
+  assert workdir_lock.read_holder(workdir_lock.lock_path(str(workdir)))["pid"] == holder.pid
+  with workdir_lock.WorkdirLock(str(workdir), "prepare") as lock:
+    assert workdir_lock.read_holder(lock.path)["pid"] == os.getpid()
+  assert workdir_lock.read_holder(lock.path) == {}  # released
+
+
+def test_a_refused_prepare_leaves_the_live_run_files_alone(held_workdir, athena_dir):
+  workdir, holder = held_workdir
+  in_flight = workdir / "shards" / "NYU_1.array_record.tmp"
+  in_flight.parent.mkdir(parents=True)
+  in_flight.write_bytes(b"being written")
+  with pytest.raises(errors.InputError, match=f"in use by PID {holder.pid}"):
+    tasks.run_task(prepare_config(athena_dir), str(workdir))
+  assert in_flight.read_bytes() == b"being written"
+
+
+def test_overwrite_in_another_tasks_workdir_deletes_nothing(athena_dir, tmp_path):
+  workdir = tmp_path / "pretrain_run"
+  workdir.mkdir()
+  pretrain = load_config("pretrain_aal3", "test")
+  outputs.write_config(str(workdir), pretrain)
+  before = (workdir / "config.json").read_text()
+  with pytest.raises(errors.InputError, match="holds a 'pretrain' run"):
+    tasks.run_task(prepare_config(athena_dir, overwrite=True), str(workdir))
+  assert (workdir / "config.json").read_text() == before
+
+
+# --- Config values, checked before any work -------------------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("log_every", 0, "config.log_every = 0 must be a whole number >= 1"),
+    ("checkpoint_every", 0, "config.checkpoint_every = 0 must be"),
+    ("batch_size", -1, "config.batch_size = -1 must be"),
+    ("total_steps", 0, "config.total_steps = 0 must be"),
+    ("optim.learning_rate", -1e-3, "config.optim.learning_rate = -0.001 must be a finite"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints = 0 must be"),
+    ("frames", 40, "config.frames = 40 is longer than every synthetic run"),
+    ("mask.ratio", 1.0, "config.mask.ratio = 1.0 must be between 0 and 1"),
+])
+def test_bad_values_are_refused_before_any_work(tmp_path, key, value, message):
+  config = load_config("pretrain_aal3", "test")
+  block, _, name = key.rpartition(".")
+  (config[block] if block else config)[name] = value
+  with pytest.raises(errors.InputError) as info:
+    tasks.run_task(config, str(tmp_path / "run"))
+  assert message in str(info.value) and "\n" not in str(info.value)
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_compare_checks_its_pretraining_block_too(tmp_path):
+  config = load_config("compare_masking", "test")
+  config.pretrain.log_every = 0
+  with pytest.raises(errors.InputError, match="config.pretrain.log_every = 0"):
+    tasks.run_task(config, str(tmp_path))
+
+
+def test_cli_misspelt_key_and_bad_value_are_one_line_with_status_2(tmp_path):
+  done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path}",
+              "--config.mask.ratoi=0.3")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert _error_lines(done.stderr) == [
+      "error: --config.mask.ratoi: no config key 'ratoi' (did you mean \"ratio\" instead of "
+      "\"ratoi\"?)"]
+  done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path}",
+              "--config.log_every=0")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert _error_lines(done.stderr) == [
+      "error: config.log_every = 0 must be a whole number >= 1"]
+  done = _cli("--config=configs/nothere.py", f"--workdir={tmp_path}")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert "configs/nothere.py" in _error_lines(done.stderr)[0]
+
+
+def test_resume_with_another_total_steps_is_refused(tmp_path):
+  config = load_config("pretrain_aal3", "test")
+  outputs.write_config(str(tmp_path), config)  # as a 6-step run leaves it
+  config.total_steps = 10
+  with pytest.raises(errors.InputError, match=r"total_steps=10 differs .* \(6 steps\).*"
+                     r"--config.total_steps=6"):
+    tasks.run_task(config, str(tmp_path))
+
+
+# --- Checkpoints ---------------------------------------------------------------
+
+def _largest_file(folder):
+  files = [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bit(path):
+  raw = bytearray(open(path, "rb").read())
+  raw[len(raw) // 2] ^= 0x01
+  open(path, "wb").write(bytes(raw))
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+DAMAGE = {
+    "flipped bit": (lambda step_dir: _flip_bit(_largest_file(step_dir / "state")),
+                    "changed on disk"),
+    "truncated file": (lambda step_dir: _truncate(_largest_file(step_dir / "state")),
+                       "bytes, "),
+    "deleted _METADATA": (lambda step_dir: os.remove(step_dir / "state" / "_METADATA"),
+                          "state/_METADATA is missing"),
+}
+
+
+def _small_checkpoints(directory, steps=(1, 2, 3)):
+  ckpt = checkpoint_lib.Checkpointer(str(directory), keep=5)
+  for step in steps:
+    ckpt.save(step, {"w": jnp.full((64, 64), float(step)), "step": jnp.int32(step)})
+  ckpt.close()
+  return {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32),
+          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(tmp_path, damage):
+  abstract = _small_checkpoints(tmp_path / "ckpt")
+  for step in (1, 2, 3):
+    assert checkpoint_integrity.verify(str(tmp_path / "ckpt" / str(step))) is None
+  harm, reason = DAMAGE[damage]
+  harm(tmp_path / "ckpt" / "3")
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
+  state, _ = ckpt.restore(abstract)
+  assert int(state["step"]) == 2 and float(state["w"][0, 0]) == 2.0
+  [(step, folder, problem)] = ckpt.rejected
+  assert step == 3 and folder == str(tmp_path / "ckpt" / "3") and reason in problem
+  with pytest.raises(errors.InputError, match=f"{tmp_path / 'ckpt' / '3'} .*{reason}"):
+    ckpt.restore(abstract, step=3)  # a step asked for by number is not replaced
+  moved = ckpt.set_aside_rejected()
+  assert moved == [str(tmp_path / "ckpt.rejected" / "3")] and os.path.isdir(moved[0])
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+
+def test_unsealed_newest_is_passed_over_and_all_damaged_is_an_error(tmp_path):
+  abstract = _small_checkpoints(tmp_path / "ckpt")
+  os.remove(tmp_path / "ckpt" / "3" / checkpoint_integrity.MANIFEST)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
+  assert int(ckpt.restore(abstract)[0]["step"]) == 2
+  assert checkpoint_integrity.UNSEALED in ckpt.rejected[0][2]
+  for step in (1, 2):
+    _flip_bit(_largest_file(tmp_path / "ckpt" / str(step) / "state"))
+  with pytest.raises(errors.InputError, match="no usable checkpoint") as info:
+    ckpt.restore(abstract)
+  for step in (1, 2, 3):
+    assert str(tmp_path / "ckpt" / str(step)) in str(info.value)
+  ckpt.close()
+
+
+def _params(workdir):
+  from roi_mae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  return jax.device_get(pretrained.load_pretrained(str(workdir)).params)
+
+
+def test_run_resumes_from_the_newest_intact_checkpoint_to_the_same_numbers(
+    pretrained_dir, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(pretrained_dir, workdir)
+  expected = _params(workdir)
+  _flip_bit(_largest_file(workdir / "checkpoints" / "6" / "state"))
+  tasks.run_task(load_config("pretrain_aal3", "test"), str(workdir))
+  assert os.path.isdir(workdir / "checkpoints.rejected" / "6")
+  assert checkpoint_integrity.verify(str(workdir / "checkpoints" / "6")) is None
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_disk_full_names_the_checkpoint_kept(tmp_path, monkeypatch):
+  save = checkpoint_lib.Checkpointer.save
+
+  def save_until_full(self, step, *args, **kwargs):
+    if step > 2:
+      raise OSError(errno.ENOSPC, "No space left on device", str(self.step_dir(step)))
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", save_until_full)
+  with pytest.raises(errors.TrainingError) as info:
+    tasks.run_task(load_config("pretrain_aal3", "test"), str(tmp_path))
+  message = str(info.value)
+  assert "no space left on device" in message and "\n" not in message
+  assert f"checkpoint step 2 in {tmp_path / 'checkpoints'} is kept" in message
+  assert checkpoint_integrity.verify(str(tmp_path / "checkpoints" / "2")) is None
