@@ -7,7 +7,7 @@ r"""Task `prepare`: NIfTI datasets -> ArrayRecord shards that pretraining reads.
 
 Writes to WORKDIR: shards/ (one ArrayRecord file per scan, one float16 frame
 per record), index.csv (one row per prepared scan), prepare_report.csv (every
-scan found: used | skipped, and the reason), dataset.json, atlas_labels.nii.gz
+scan file found: used | skipped | ignored, and the reason), dataset.json, atlas_labels.nii.gz
 and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
 AAL3 region each brain patch belongs to), prepared_example.png (the first
 scan with the atlas over it), prepare_summary.json, config.json.
@@ -224,11 +224,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   rows = [used[k] for k in sorted(used)]
   report_rows = [report[k] for k in sorted(report)] + [
       {"scan": "", "subject": s.subject, "site": "", "label": "", "path": s.path,
-       "status": "skipped", "reason": s.reason} for s in skipped]
+       "status": s.status, "reason": s.reason} for s in skipped]
   shards.write_table(os.path.join(workdir, REPORT_FILE), REPORT_COLUMNS, report_rows)
   shards.write_table(os.path.join(workdir, shards.INDEX_FILE), shards.INDEX_COLUMNS, rows)
   labels = [int(r["label"]) for r in rows]
-  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows),
+  ignored = sum(r["status"] == "ignored" for r in report_rows)
+  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows) - ignored,
+             "files_ignored": ignored,
              "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
              "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
              "peak_rss_mib": {"main": round(peak_rss_mib(), 1),
@@ -237,9 +239,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                         "unlabelled": labels.count(-1)},
              "frames": int(sum(int(r["frames"]) for r in rows))}
   outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
-  logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped; "
-               "report: %s", len(rows), labels.count(1), labels.count(0), labels.count(-1),
-               summary["scans_skipped"], os.path.join(workdir, REPORT_FILE))
+  logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped, %d other "
+               "files ignored; report: %s", len(rows), labels.count(1), labels.count(0),
+               labels.count(-1), summary["scans_skipped"], ignored,
+               os.path.join(workdir, REPORT_FILE))
   if not rows:
     raise errors.InputError(f"no usable scan among {len(report_rows)} found; the reasons are "
                             f"in {os.path.join(workdir, REPORT_FILE)}")

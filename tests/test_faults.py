@@ -255,3 +255,62 @@ def test_disk_full_names_the_checkpoint_kept(tmp_path, monkeypatch):
   assert "no space left on device" in message and "\n" not in message
   assert f"checkpoint step 2 in {tmp_path / 'checkpoints'} is kept" in message
   assert checkpoint_integrity.verify(str(tmp_path / "checkpoints" / "2")) is None
+
+
+# --- Prepare: nothing dropped or mislabelled silently ------------------------------
+
+def _header_only_scan(path, srow):
+  """A small 4D scan whose sform is `srow` (3x4), written without nibabel's checks."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  data = np.random.default_rng(0).random((4, 4, 4, 6)).astype(np.float32)
+  header = nib.Nifti1Header()
+  header.set_data_shape(data.shape)
+  header.set_data_dtype(np.float32)
+  header["srow_x"], header["srow_y"], header["srow_z"] = np.asarray(srow, float)
+  header["sform_code"], header["qform_code"] = 1, 0
+  header["pixdim"][4] = 2.0
+  nib.save(nib.Nifti1Image(data, None, header), str(path))
+
+
+def test_manifest_keys_constant_scans_and_affines_are_all_accounted_for(athena_dir, tmp_path):
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import prepare  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.data import shards  # pylint: disable=g-import-not-at-top
+  good = sorted(str(p) for p in athena_dir.glob("*/*/*.nii.gz"))
+  image = nib.load(good[0])
+  run = np.asarray(image.dataobj, np.float32)
+  constant, static = tmp_path / "constant.nii.gz", tmp_path / "static.nii.gz"
+  nib.save(nib.Nifti1Image(np.full(run.shape, 100.0, np.float32), image.affine,
+                           image.header), str(constant))
+  nib.save(nib.Nifti1Image(np.repeat(run[..., :1], run.shape[-1], -1), image.affine,
+                           image.header), str(static))
+  _header_only_scan(tmp_path / "nan_affine.nii.gz", np.full((3, 4), np.nan))
+  _header_only_scan(tmp_path / "singular.nii.gz", [[4, 0, 0, 0], [0, 0, 0, 0], [0, 0, 4, 0]])
+  lines = ["path,subject,site,label"]
+  lines += [f"{path},{subject},X,0" for path, subject in zip(good, ["s 1", "s_1", "s/1", "s_1_2"])]
+  lines += [f"{good[0]},again,X,1",  # the same file twice
+            f"{constant},c,X,0", f"{static},st,X,0", f"{tmp_path / 'nan_affine.nii.gz'},n,X,0",
+            f"{tmp_path / 'singular.nii.gz'},z,X,0"]
+  (tmp_path / "scans.csv").write_text("\n".join(lines) + "\n")
+  workdir = tmp_path / "out"
+  tasks.run_task(prepare_config(tmp_path, source="manifest",
+                                manifest=str(tmp_path / "scans.csv")), str(workdir))
+  used = {r["scan"]: r for r in shards.PreparedDataset(str(workdir)).rows}
+  assert sorted(used) == ["s_1", "s_1_2", "s_1_3", "s_1_4"]
+  assert {r["subject"] for r in used.values()} == {"s 1", "s_1", "s/1", "s_1_2"}
+  assert {r["path"] for r in used.values()} == set(good[:4])
+  assert used["s_1_2"]["subject"] == "s_1_2"  # its own key, not taken by a renamed scan
+  assert len(list((workdir / "shards").glob("*.array_record"))) == 4
+  report = {r["subject"]: r for r in prepare.read_report(str(workdir))}
+  assert len(prepare.read_report(str(workdir))) == 9  # every manifest line
+  assert "scan key s_1_3" in report["s_1"]["reason"]
+  assert "scan key s_1_4" in report["s/1"]["reason"]
+  expected = {"again": "the same file as line 2",
+              "c": "constant values: every brain voxel is 100 in every frame",
+              "st": "the signal changes over time in only 0%",
+              "n": "the affine (sform/qform) has NaN or inf entries",
+              "z": "the affine is singular"}
+  for subject, reason in expected.items():
+    assert report[subject]["status"] == "skipped" and reason in report[subject]["reason"], \
+        report[subject]
+  assert "voxel sizes" not in report["n"]["reason"]
