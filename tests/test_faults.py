@@ -314,3 +314,46 @@ def test_manifest_keys_constant_scans_and_affines_are_all_accounted_for(athena_d
     assert report[subject]["status"] == "skipped" and reason in report[subject]["reason"], \
         report[subject]
   assert "voxel sizes" not in report["n"]["reason"]
+
+
+# --- Damaged shards -------------------------------------------------------------
+
+def _first_shard(workdir):
+  return sorted((workdir / "shards").glob("*.array_record"))[0]
+
+
+def test_truncated_or_short_shard_stops_with_one_line_naming_it(prepared_dir, tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.data import shards  # pylint: disable=g-import-not-at-top
+  truncated = tmp_path / "truncated"
+  shutil.copytree(prepared_dir, truncated)
+  _truncate(_first_shard(truncated))
+  done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path / 'run'}",
+              f"--config.data.shards={truncated}")
+  assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+  [line] = _error_lines(done.stderr)
+  assert f"{_first_shard(truncated)} is not a readable shard" in line
+  short = tmp_path / "short"
+  shutil.copytree(prepared_dir, short)
+  shard = _first_shard(short)
+  writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
+  for _ in range(3):
+    writer.write(b"\0" * 8)
+  writer.close()
+  with pytest.raises(errors.InputError, match=f"{shard} holds 3 frames but .*index.csv says 16"):
+    shards.PreparedDataset(str(short))
+
+
+def test_damaged_bytes_in_a_shard_are_named_when_read(prepared_dir, tmp_path):
+  from roi_mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "flipped"
+  shutil.copytree(prepared_dir, workdir)
+  shard = _first_shard(workdir)
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 3] ^= 0xFF
+  shard.write_bytes(bytes(raw))
+  source = pipeline.ShardWindows(str(workdir), frames=4)
+  iterator = pipeline.make_iterator(pipeline.training_dataset(source, 8, seed=0))
+  with pytest.raises(errors.InputError, match=f"{shard}: frames .* are unreadable"):
+    for _ in range(4):  # 8 scans per batch: every scan is read
+      next(iterator)
