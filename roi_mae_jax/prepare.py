@@ -120,6 +120,8 @@ def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, obj
   except MemoryError:
     status, payload = "skipped", "out of memory while preparing this scan"
   except Exception as e:  # pylint: disable=broad-except
+    if errors.is_disk_full(e):
+      raise  # not this scan's fault: every later scan would fail the same way
     # One odd file must not end a run over hundreds; the report names it.
     status, payload = "skipped", f"unexpected error ({type(e).__name__}: {e})"
   return status, payload, peak_rss_mib()
@@ -144,6 +146,19 @@ def _results(todo, job, workdir: str, workers: int):
           f"a prepare worker died (killed by the system, often for lack of memory) while "
           f"preparing into {workdir}; finished scans are kept: re-run the same command to "
           "resume, with fewer --config.workers") from e
+
+
+def _disk_checked(results, workdir: str):
+  """`results`, with a full disk turned into one message saying what is kept."""
+  try:
+    yield from results
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_disk_full(e):
+      raise
+    kept = len(shards.finished_rows(workdir))
+    raise errors.TrainingError(
+        f"no space left on device while writing shards into {workdir} ({e}); the {kept} "
+        "finished scans are kept: free space and re-run the same command to resume") from None
 
 
 def peak_rss_mib() -> float:
@@ -202,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   used = {e.scan: finished[e.scan] for e in entries if e.scan in finished}
   start, counts, worker_peak = time.time(), {"used": 0, "skipped": 0}, 0.0
   for done, (entry, status, payload, peak) in enumerate(
-      _results(todo, job, workdir, int(config.workers)), start=1):
+      _disk_checked(_results(todo, job, workdir, int(config.workers)), workdir), start=1):
     counts[status] += 1
     worker_peak = max(worker_peak, peak)
     if status == "used":

@@ -357,3 +357,59 @@ def test_damaged_bytes_in_a_shard_are_named_when_read(prepared_dir, tmp_path):
   with pytest.raises(errors.InputError, match=f"{shard}: frames .* are unreadable"):
     for _ in range(4):  # 8 scans per batch: every scan is read
       next(iterator)
+
+
+def test_disk_full_during_prepare_stops_and_keeps_finished_scans(athena_dir, tmp_path,
+                                                                 monkeypatch):
+  from roi_mae_jax.data import prepare_scan  # pylint: disable=g-import-not-at-top
+  real, calls = prepare_scan.prepare_scan, []
+
+  def fill_disk_after_two(entry, job, workdir):
+    calls.append(entry.scan)
+    if len(calls) > 2:
+      raise OSError(errno.ENOSPC, "No space left on device", workdir)
+    return real(entry, job, workdir)
+
+  monkeypatch.setattr(prepare_scan, "prepare_scan", fill_disk_after_two)
+  workdir = tmp_path / "out"
+  with pytest.raises(errors.TrainingError, match="no space left on device .* the 2 finished "
+                     "scans are kept: free space and re-run"):
+    tasks.run_task(prepare_config(athena_dir), str(workdir))
+  assert len(calls) == 3  # stopped at the first failure, not one 'skipped' per scan
+  assert len(list((workdir / "shards").glob("*.json"))) == 2
+
+
+# --- Uploaded archives (the notebook) -------------------------------------------------
+
+def test_archives_never_write_outside_their_folder(tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import archives  # pylint: disable=g-import-not-at-top
+  good = tmp_path / "run.zip"
+  with zipfile.ZipFile(good, "w") as z:
+    z.writestr("run/config.json", "{}")
+    z.writestr("run/checkpoints/6/state/_METADATA", "x")
+  dest = archives.extract(str(good), str(tmp_path / "ok"))
+  assert (tmp_path / "ok" / "run" / "config.json").read_text() == "{}" and os.path.isdir(dest)
+  evil_zip = tmp_path / "evil.zip"
+  with zipfile.ZipFile(evil_zip, "w") as z:
+    z.writestr("run/config.json", "{}")
+    z.writestr("../../escaped.txt", "owned")
+  with pytest.raises(errors.InputError, match=r"evil.zip: member '../../escaped.txt'"):
+    archives.extract(str(evil_zip), str(tmp_path / "a" / "b"))
+  for name, kind in (("../escaped.txt", tarfile.REGTYPE), ("/tmp/escaped.txt", tarfile.REGTYPE),
+                     ("link", tarfile.SYMTYPE)):
+    evil_tar = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil_tar, "w:gz") as tar:
+      member = tarfile.TarInfo(name)
+      member.type = kind
+      member.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+      member.size = 0 if kind == tarfile.SYMTYPE else 5
+      tar.addfile(member, None if kind == tarfile.SYMTYPE else io.BytesIO(b"owned"))
+    with pytest.raises(errors.InputError, match=f"member {name!r}"):
+      archives.extract(str(evil_tar), str(tmp_path / "t" / "u"))
+  assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "a" / "escaped.txt").exists()
+  assert not (tmp_path / "t" / "escaped.txt").exists() and not os.listdir(tmp_path / "t" / "u")
+  notebook = open(os.path.join(REPO, "notebooks", "probe_from_checkpoint.ipynb")).read()
+  assert "unpack_archive" not in notebook and "archives.extract(archive" in notebook
