@@ -126,6 +126,9 @@ class Checkpointer:
     if not steps:
       raise errors.InputError(f"no checkpoint in {self.directory}")
     if step is not None:
+      if step not in steps:
+        raise errors.InputError(f"no checkpoint for step {step} in {self.directory}; there "
+                                f"are {sorted(steps)}")
       steps = [step]
     legacy = not any(integrity.is_sealed(self.step_dir(s)) for s in self.all_steps())
     self.rejected = []
