@@ -24,6 +24,7 @@ to its own file (data/process_<i>-of-<n>.json), since each reads other data.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -75,14 +76,25 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # drop saves cut off by a crash
+        # Not at open: a reader (probe on a live pretraining run) must not delete the
+        # writer's in-flight saves. The first `save` drops saves cut off by a crash.
+        cleanup_tmp_directories=False,
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._unsealed: list[int] = []      # saved by this object, not sealed yet
+    self._saved = False
     self.rejected: list[tuple[int, str, str]] = []   # (step, folder, why) at restore
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+  def _remove_cut_off_saves(self) -> None:
+    """Deletes temporary folders of saves a crash cut off (the writer holds the workdir lock)."""
+    if jax.process_index() != 0:
+      return
+    for path in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+      logging.info("removing %s, a save cut off by a crash", path)
+      shutil.rmtree(path, ignore_errors=True)
 
   def _seal_committed(self) -> None:
     """Seals the saves of this object that Orbax has committed (call after a wait)."""
@@ -109,6 +121,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.wait_until_finished()  # Orbax waits here anyway; then seal the last save
     self._seal_committed()
+    if not self._saved:
+      self._remove_cut_off_saves()
+      self._saved = True
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._unsealed.append(step)
 

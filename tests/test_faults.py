@@ -413,3 +413,17 @@ def test_archives_never_write_outside_their_folder(tmp_path):
   assert not (tmp_path / "t" / "escaped.txt").exists() and not os.listdir(tmp_path / "t" / "u")
   notebook = open(os.path.join(REPO, "notebooks", "probe_from_checkpoint.ipynb")).read()
   assert "unpack_archive" not in notebook and "archives.extract(archive" in notebook
+
+
+def test_a_reader_leaves_a_writers_in_flight_save_alone(tmp_path):
+  abstract = _small_checkpoints(tmp_path / "ckpt", steps=(1,))
+  in_flight = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-123"
+  shutil.copytree(tmp_path / "ckpt" / "1", in_flight)
+  reader = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))  # e.g. a probe's
+  assert int(reader.restore(abstract)[0]["step"]) == 1
+  reader.close()
+  assert in_flight.is_dir()
+  writer = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))  # a resumed run
+  writer.save(3, {"w": jnp.zeros((64, 64)), "step": jnp.int32(3)})
+  writer.close()
+  assert not in_flight.exists() and writer.all_steps() == [1, 3]
