@@ -157,7 +157,8 @@ class Checkpointer:
           raise
         except Exception as e:  # pylint: disable=broad-except
           # Orbax and TensorStore raise many types for unreadable bytes.
-          problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+          first = (str(e).splitlines() or [""])[0][:200]
+          problem = f"unreadable ({type(e).__name__}: {first})"
       if problem is None:
         if legacy:
           logging.warning("%s has no checksum manifest (written by an earlier version): "
