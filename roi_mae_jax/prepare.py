@@ -15,7 +15,10 @@ scan with the atlas over it), prepare_summary.json, config.json.
 Bad scans are reported and skipped; the run fails (exit status 2) only when
 no scan is usable. Re-running the same command resumes: finished scans are
 kept, unfinished ones redone. Different settings in the same WORKDIR are
-refused unless `--config.overwrite=True`, which deletes the earlier output.
+refused unless `--config.overwrite=True`, which deletes the earlier prepare
+output (only the files listed above; a workdir holding another task's run is
+refused before anything is touched). A full disk stops the run (status 1)
+with the finished scans kept.
 """
 
 from __future__ import annotations
