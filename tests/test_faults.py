@@ -427,3 +427,31 @@ def test_a_reader_leaves_a_writers_in_flight_save_alone(tmp_path):
   writer.save(3, {"w": jnp.zeros((64, 64)), "step": jnp.int32(3)})
   writer.close()
   assert not in_flight.exists() and writer.all_steps() == [1, 3]
+
+
+# --- Exit statuses the README promises ------------------------------------------------
+
+STOPPING = """
+import errno, sys
+from absl import app
+from roi_mae_jax import errors, main, tasks
+def stop(config, workdir):
+  if sys.argv[1] == "disk":
+    raise OSError(errno.ENOSPC, "No space left on device", workdir)
+  raise errors.TrainingError("loss was not finite at step 3")
+tasks.run_task = stop
+app.run(main.main, argv=["main", "--config=configs/show_masks.py", "--workdir=" + sys.argv[2]],
+        flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("disk", "error: no space left on device ([Errno 28] No space left on device: "),
+    ("loss", "error: loss was not finite at step 3"),
+])
+def test_a_run_that_must_stop_exits_1_with_one_line(tmp_path, fault, message):
+  done = subprocess.run([sys.executable, "-c", STOPPING, fault, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+  [line] = _error_lines(done.stderr)
+  assert line.startswith(message)
