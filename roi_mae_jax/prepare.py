@@ -207,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   removed = shards.remove_unfinished(workdir)
   if removed:
     logging.info("removed %d unfinished shard files of an interrupted run", len(removed))
-  finished = shards.finished_rows(workdir)
+  finished, redone = _reusable(workdir, entries)
   todo = [e for e in entries if e.scan not in finished]
   logging.info("%d scans found (%d already prepared, %d to do), %d skipped while listing",
                len(entries), len(entries) - len(todo), len(todo), len(skipped))
@@ -217,7 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if e.scan in finished:
       reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
       report[e.scan] = dict(_report_row(e), status="used", reason=reason)
-  used = {e.scan: finished[e.scan] for e in entries if e.scan in finished}
+  # Labels and sites come from the tables as they are now, not as they were.
+  used = {e.scan: dict(finished[e.scan], subject=e.subject, site=e.site, label=e.label)
+          for e in entries if e.scan in finished}
   start, counts, worker_peak = time.time(), {"used": 0, "skipped": 0}, 0.0
   for done, (entry, status, payload, peak) in enumerate(
       _disk_checked(_results(todo, job, workdir, int(config.workers)), workdir), start=1):
@@ -225,7 +227,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     worker_peak = max(worker_peak, peak)
     if status == "used":
       used[entry.scan] = payload
-      report[entry.scan] = dict(_report_row(entry), status="used", reason=entry.note)
+      report[entry.scan] = dict(_report_row(entry), status="used",
+                                reason="; ".join(filter(None, [redone.get(entry.scan),
+                                                               entry.note])))
     else:
       report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
       logging.warning("skipped %s: %s", entry.path, payload)
@@ -269,6 +273,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                    config.get("figure_point_mm", (30.0, -20.0, 8.0)),
                                    title=f"{first.rows[0]['scan']}, frame 0")
   plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
+
+
+def _reusable(workdir: str, entries) -> tuple[dict[str, dict], dict[str, str]]:
+  """(scan -> row of finished shards this run keeps, scan -> why a shard is redone).
+
+  A shard under a scan's key made from another file (the manifest changed
+  between runs) is deleted and prepared again, never reused under a new name.
+  """
+  finished, redone = shards.finished_rows(workdir), {}
+  for entry in entries:
+    row = finished.get(entry.scan)
+    if row is not None and os.path.normpath(row["path"]) != os.path.normpath(entry.path):
+      shards.remove_scan(workdir, entry.scan)
+      del finished[entry.scan]
+      redone[entry.scan] = f"prepared again: the earlier shard {entry.scan} was of {row['path']}"
+  return finished, redone
 
 
 def _report_row(entry: layouts.ScanEntry) -> dict:

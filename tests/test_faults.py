@@ -455,3 +455,22 @@ def test_a_run_that_must_stop_exits_1_with_one_line(tmp_path, fault, message):
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
   [line] = _error_lines(done.stderr)
   assert line.startswith(message)
+
+
+def test_resume_after_the_manifest_changed_relabels_and_redoes_moved_keys(athena_dir, tmp_path):
+  from roi_mae_jax import prepare  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.data import shards  # pylint: disable=g-import-not-at-top
+  good = sorted(str(p) for p in athena_dir.glob("*/*/*.nii.gz"))
+  manifest = tmp_path / "scans.csv"
+  config = prepare_config(tmp_path, source="manifest", manifest=str(manifest))
+  manifest.write_text(f"path,subject,site,label\n{good[0]},a,X,0\n{good[1]},b,X,0\n")
+  tasks.run_task(config, str(tmp_path / "out"))
+  # Edited between runs: a's label, and key b now names another file.
+  manifest.write_text(f"path,subject,site,label\n{good[0]},a,Y,1\n{good[2]},b,X,0\n")
+  tasks.run_task(config, str(tmp_path / "out"))
+  rows = {r["scan"]: r for r in shards.PreparedDataset(str(tmp_path / "out")).rows}
+  assert (rows["a"]["label"], rows["a"]["site"], rows["a"]["path"]) == (1, "Y", good[0])
+  assert rows["b"]["path"] == good[2]
+  report = {r["scan"]: r["reason"] for r in prepare.read_report(str(tmp_path / "out"))}
+  assert "prepared in an earlier run" in report["a"]
+  assert f"prepared again: the earlier shard b was of {good[1]}" in report["b"]

@@ -132,6 +132,14 @@ def remove_unfinished(workdir: str) -> list[str]:
   return removed
 
 
+def remove_scan(workdir: str, scan: str) -> None:
+  """Deletes the row, then the shard, of `scan` (in that order: never a row without data)."""
+  path = shard_path(workdir, scan)
+  for name in (path[:-len(SHARD_SUFFIX)] + ".json", path):
+    if os.path.exists(name):
+      os.remove(name)
+
+
 def write_table(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
   """A CSV with `columns`, written atomically."""
   tmp = path + ".tmp"
