@@ -19,10 +19,10 @@ second run of an Athena subject: only session_1 rest_1 is prepared). Scan keys
 ... and the report says so. Tables are read with their delimiter detected
 (',', ';' or tab). A label table that cannot be trusted skips the scans it
 would label, each with a reason naming the file and lines: unreadable, without
-its ID, label or QC column, or giving one ID on several rows with different
-values (identical repeats are used, with a note). A scan list that cannot be
-read (manifest, nilearn's table) stops the run. A file listed twice in a
-manifest is prepared once.
+its ID, label or QC column, or giving one ID on several rows (identical
+repeats in an ADHD-200 phenotypic table are used once). A scan list that
+cannot be read (manifest, nilearn's table) stops the run. A file listed twice
+in a manifest is prepared once.
 
 Labels map through `config.label_values` ('0=0,1=1,2=1,3=1': ADHD-200's DX, where 1-3 are
 ADHD subtypes); 'pending', empty or unknown values leave a scan unlabelled (label -1): it
