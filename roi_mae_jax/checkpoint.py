@@ -8,6 +8,14 @@
 
 A save is written to a temporary folder and renamed when complete, so a save
 cut off by a crash is never listed, and the previous checkpoint is used.
+Each committed save is then sealed with a checksum manifest
+(checkpoint_integrity) before the next save starts, and at `wait`/`close`.
+`restore` verifies the manifest first: a corrupt, unreadable or unsealed
+checkpoint is reported by path and the newest intact one is restored
+(`rejected` lists what was passed over; `set_aside_rejected` moves those
+folders to CHECKPOINTS.rejected/ so a resumed run can save those steps again).
+A directory where no checkpoint is sealed (written before manifests existed)
+is restored unverified, with a warning.
 Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
 In a multi-process run every process calls save and restore: arrays are
 written once, shard by shard, and each process's Grain iterator position goes
@@ -16,14 +24,19 @@ to its own file (data/process_<i>-of-<n>.json), since each reads other data.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from absl import logging
+
+from roi_mae_jax import checkpoint_integrity as integrity
 from roi_mae_jax import errors
 
 
@@ -63,9 +76,32 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # drop saves cut off by a crash
+        # Not at open: a reader (probe on a live pretraining run) must not delete the
+        # writer's in-flight saves. The first `save` drops saves cut off by a crash.
+        cleanup_tmp_directories=False,
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unsealed: list[int] = []      # saved by this object, not sealed yet
+    self._saved = False
+    self.rejected: list[tuple[int, str, str]] = []   # (step, folder, why) at restore
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _remove_cut_off_saves(self) -> None:
+    """Deletes temporary folders of saves a crash cut off (the writer holds the workdir lock)."""
+    if jax.process_index() != 0:
+      return
+    for path in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+      logging.info("removing %s, a save cut off by a crash", path)
+      shutil.rmtree(path, ignore_errors=True)
+
+  def _seal_committed(self) -> None:
+    """Seals the saves of this object that Orbax has committed (call after a wait)."""
+    for step in self._unsealed:
+      if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
+        integrity.seal(self.step_dir(step))
+    self._unsealed = []
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -73,22 +109,71 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def newest_sealed(self) -> int | None:
+    """The newest step with a checksum manifest (what a resume would restore)."""
+    sealed = [s for s in self.all_steps() if integrity.is_sealed(self.step_dir(s))]
+    return max(sealed) if sealed else None
+
   def save(self, step: int, state: Any, data_iterator=None) -> None:
     """Saves `state` and, when given, the position of a Grain `data_iterator`."""
     items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
     if data_iterator is not None:  # written now (synchronously): the loop moves it on
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.wait_until_finished()  # Orbax waits here anyway; then seal the last save
+    self._seal_committed()
+    if not self._saved:
+      self._remove_cut_off_saves()
+      self._saved = True
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unsealed.append(step)
 
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iterator=None) -> tuple[Any, bool]:
-    """(state, whether `data_iterator` was moved to its saved position) of `step`.
+    """(state, whether `data_iterator` was moved to its saved position).
 
-    `step` defaults to the latest; the state is laid out like `abstract_state`.
+    `step` None: the newest checkpoint that verifies and reads, older ones
+    tried in turn (each one passed over is logged and kept in `rejected`);
+    a given `step` must itself be intact. The state is laid out like
+    `abstract_state`. Raises `InputError` naming every folder and its problem
+    when none can be used.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise errors.InputError(f"no checkpoint in {self.directory}")
+    if step is not None:
+      if step not in steps:
+        raise errors.InputError(f"no checkpoint for step {step} in {self.directory}; there "
+                                f"are {sorted(steps)}")
+      steps = [step]
+    legacy = not any(integrity.is_sealed(self.step_dir(s)) for s in self.all_steps())
+    self.rejected = []
+    for candidate in steps:
+      folder = self.step_dir(candidate)
+      problem = None if legacy else integrity.verify(folder)
+      if problem is None:
+        try:
+          restored = self._restore_step(candidate, abstract_state, data_iterator)
+        except errors.InputError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          # Orbax and TensorStore raise many types for unreadable bytes.
+          first = (str(e).splitlines() or [""])[0][:200]
+          problem = f"unreadable ({type(e).__name__}: {first})"
+      if problem is None:
+        if legacy:
+          logging.warning("%s has no checksum manifest (written by an earlier version): "
+                          "restored without verification", folder)
+        if self.rejected:
+          logging.warning("restored %s instead: %d newer checkpoint(s) were not usable",
+                          folder, len(self.rejected))
+        return restored
+      logging.warning("checkpoint %s is not used: %s", folder, problem)
+      self.rejected.append((candidate, folder, problem))
+    raise errors.InputError(
+        "no usable checkpoint: " + "; ".join(f"{f} {p}" for _, f, p in self.rejected) +
+        f". Move the damaged folders out of {self.directory} (or choose another --workdir)")
+
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, bool]:
     target = jax.tree.map(_abstract_key_data, abstract_state)
     items = {"state": ocp.args.StandardRestore(target)}
     has_data = data_iterator is not None and "data" in self.item_names(step)
@@ -97,6 +182,34 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return _data_to_keys(restored["state"], abstract_state), has_data
+
+  def set_aside_rejected(self) -> list[str]:
+    """Moves the folders `restore` passed over to DIRECTORY.rejected/ (kept, never deleted).
+
+    A resumed run saves those steps again, which Orbax refuses while they
+    exist. Returns the new paths.
+    """
+    if not self.rejected:
+      return []
+    if jax.process_count() > 1:
+      raise errors.InputError(
+          f"checkpoints {', '.join(f for _, f, _ in self.rejected)} are damaged; a "
+          "multi-process run does not move them: move them out of "
+          f"{self.directory} and re-run")
+    moved = []
+    for step, folder, _ in self.rejected:
+      target = os.path.join(f"{self.directory}.rejected", str(step))
+      suffix = 1
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(f"{self.directory}.rejected", f"{step}_{suffix}")
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(folder, target)
+      logging.warning("moved the damaged checkpoint %s to %s", folder, target)
+      moved.append(target)
+    self.rejected = []
+    self.manager.reload()
+    return moved
 
   def _check_process_count(self, step: int) -> None:
     folder = os.path.join(self.directory, str(step), "data")
@@ -121,8 +234,10 @@ class Checkpointer:
     return [n for n in os.listdir(path) if not n.startswith("_")] if os.path.isdir(path) else []
 
   def wait(self) -> None:
+    """Waits for pending saves and seals them."""
     self.manager.wait_until_finished()
+    self._seal_committed()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

@@ -1,8 +1,10 @@
-"""The one exception type for bad user input.
+"""Exception types for bad input and runs that must stop.
 
 The CLI prints an `InputError` as a single line (no traceback) and exits with
 status 2, so its message must name the file or config key and the reason.
 """
+
+import errno
 
 
 class InputError(ValueError):
@@ -11,3 +13,16 @@ class InputError(ValueError):
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss); the message says why."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an exception it was raised from, is 'no space left on device'."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

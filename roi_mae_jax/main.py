@@ -4,9 +4,10 @@ r"""The one entry point: `config.task` picks the job.
     python -m roi_mae_jax.main --config=configs/show_masks.py:paper \
         --workdir=runs/masks_paper --config.mask.ratio=0.75
 
-The tasks are listed in tasks.py. Bad input (an unknown task, a missing key, a bad file)
-is printed as one line and the process exits with status 2; a run that has
-to stop (a non-finite loss) exits with status 1.
+The tasks are listed in tasks.py. Bad input (an unknown task, a missing or
+misspelt key, a bad value, a bad file, a workdir another run holds) is printed
+as one line and the process exits with status 2; a run that has to stop (a
+non-finite loss, a full disk) exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import tasks
 
@@ -39,22 +41,43 @@ class _LibraryChatter:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
+  try:  # the config file is loaded here, on first use
+    config = _CONFIG.value
+    if config is not None:
+      config.get("task")  # a file that failed to load raises on first access
+  except (OSError, SyntaxError, ImportError, AttributeError, ValueError) as e:
+    _fail(f"--config: {config_validation.flag_error(e, argv)}", 2)
+  if config is None:
     raise app.UsageError("--config=configs/NAME.py is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir=DIR is required")
   logging.get_absl_handler().addFilter(_LibraryChatter())
   try:
-    tasks.run_task(_CONFIG.value, _WORKDIR.value)
+    tasks.run_task(config, _WORKDIR.value)
   except errors.InputError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e), 2)
   except errors.TrainingError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e), 1)
+  except OSError as e:
+    if not errors.is_disk_full(e):
+      raise
+    _fail(f"no space left on device ({e}); what was written before is kept: free space "
+          "and re-run the same command to resume", 1)
+
+
+def _fail(message: str, status: int) -> None:
+  logging.flush()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag (e.g. a misspelt --config.key) is one line and status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    _fail(config_validation.flag_error(e, argv), 2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

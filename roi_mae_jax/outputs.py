@@ -38,6 +38,27 @@ def write_json(path: str, payload: Any) -> None:
   os.replace(tmp, path)
 
 
+def check_task(workdir: str, task: str) -> None:
+  """Refuses a workdir whose config.json belongs to another task.
+
+  Two tasks in one folder would mix (and, with overwrite=True, delete) each
+  other's files, e.g. prepare's output in a pretraining run.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      other = json.load(f).get("task")
+  except (OSError, ValueError, AttributeError) as e:
+    raise errors.InputError(f"{path} is unreadable ({type(e).__name__}: {e}); it is left "
+                            "as it is: choose another --workdir") from None
+  if other is not None and other != task:
+    raise errors.InputError(
+        f"{workdir} holds a '{other}' run ({path}); task '{task}' does not write into it "
+        "(nor delete its files with overwrite=True): choose another --workdir")
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict,
                  may_differ: tuple[str, ...] = (), hint: str = "") -> str:
   """Writes WORKDIR/config.json; refuses a workdir that holds another run's config.

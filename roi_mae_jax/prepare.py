@@ -7,7 +7,7 @@ r"""Task `prepare`: NIfTI datasets -> ArrayRecord shards that pretraining reads.
 
 Writes to WORKDIR: shards/ (one ArrayRecord file per scan, one float16 frame
 per record), index.csv (one row per prepared scan), prepare_report.csv (every
-scan found: used | skipped, and the reason), dataset.json, atlas_labels.nii.gz
+scan file found: used | skipped | ignored, and the reason), dataset.json, atlas_labels.nii.gz
 and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
 AAL3 region each brain patch belongs to), prepared_example.png (the first
 scan with the atlas over it), prepare_summary.json, config.json.
@@ -15,7 +15,10 @@ scan with the atlas over it), prepare_summary.json, config.json.
 Bad scans are reported and skipped; the run fails (exit status 2) only when
 no scan is usable. Re-running the same command resumes: finished scans are
 kept, unfinished ones redone. Different settings in the same WORKDIR are
-refused unless `--config.overwrite=True`, which deletes the earlier output.
+refused unless `--config.overwrite=True`, which deletes the earlier prepare
+output (only the files listed above; a workdir holding another task's run is
+refused before anything is touched). A full disk stops the run (status 1)
+with the finished scans kept.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, obj
   except MemoryError:
     status, payload = "skipped", "out of memory while preparing this scan"
   except Exception as e:  # pylint: disable=broad-except
+    if errors.is_disk_full(e):
+      raise  # not this scan's fault: every later scan would fail the same way
     # One odd file must not end a run over hundreds; the report names it.
     status, payload = "skipped", f"unexpected error ({type(e).__name__}: {e})"
   return status, payload, peak_rss_mib()
@@ -144,6 +149,19 @@ def _results(todo, job, workdir: str, workers: int):
           f"a prepare worker died (killed by the system, often for lack of memory) while "
           f"preparing into {workdir}; finished scans are kept: re-run the same command to "
           "resume, with fewer --config.workers") from e
+
+
+def _disk_checked(results, workdir: str):
+  """`results`, with a full disk turned into one message saying what is kept."""
+  try:
+    yield from results
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_disk_full(e):
+      raise
+    kept = len(shards.finished_rows(workdir))
+    raise errors.TrainingError(
+        f"no space left on device while writing shards into {workdir} ({e}); the {kept} "
+        "finished scans are kept: free space and re-run the same command to resume") from None
 
 
 def peak_rss_mib() -> float:
@@ -189,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   removed = shards.remove_unfinished(workdir)
   if removed:
     logging.info("removed %d unfinished shard files of an interrupted run", len(removed))
-  finished = shards.finished_rows(workdir)
+  finished, redone = _reusable(workdir, entries)
   todo = [e for e in entries if e.scan not in finished]
   logging.info("%d scans found (%d already prepared, %d to do), %d skipped while listing",
                len(entries), len(entries) - len(todo), len(todo), len(skipped))
@@ -199,15 +217,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if e.scan in finished:
       reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
       report[e.scan] = dict(_report_row(e), status="used", reason=reason)
-  used = {e.scan: finished[e.scan] for e in entries if e.scan in finished}
+  # Labels and sites come from the tables as they are now, not as they were.
+  used = {e.scan: dict(finished[e.scan], subject=e.subject, site=e.site, label=e.label)
+          for e in entries if e.scan in finished}
   start, counts, worker_peak = time.time(), {"used": 0, "skipped": 0}, 0.0
   for done, (entry, status, payload, peak) in enumerate(
-      _results(todo, job, workdir, int(config.workers)), start=1):
+      _disk_checked(_results(todo, job, workdir, int(config.workers)), workdir), start=1):
     counts[status] += 1
     worker_peak = max(worker_peak, peak)
     if status == "used":
       used[entry.scan] = payload
-      report[entry.scan] = dict(_report_row(entry), status="used", reason=entry.note)
+      report[entry.scan] = dict(_report_row(entry), status="used",
+                                reason="; ".join(filter(None, [redone.get(entry.scan),
+                                                               entry.note])))
     else:
       report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
       logging.warning("skipped %s: %s", entry.path, payload)
@@ -224,11 +246,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   rows = [used[k] for k in sorted(used)]
   report_rows = [report[k] for k in sorted(report)] + [
       {"scan": "", "subject": s.subject, "site": "", "label": "", "path": s.path,
-       "status": "skipped", "reason": s.reason} for s in skipped]
+       "status": s.status, "reason": s.reason} for s in skipped]
   shards.write_table(os.path.join(workdir, REPORT_FILE), REPORT_COLUMNS, report_rows)
   shards.write_table(os.path.join(workdir, shards.INDEX_FILE), shards.INDEX_COLUMNS, rows)
   labels = [int(r["label"]) for r in rows]
-  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows),
+  ignored = sum(r["status"] == "ignored" for r in report_rows)
+  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows) - ignored,
+             "files_ignored": ignored,
              "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
              "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
              "peak_rss_mib": {"main": round(peak_rss_mib(), 1),
@@ -237,9 +261,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                         "unlabelled": labels.count(-1)},
              "frames": int(sum(int(r["frames"]) for r in rows))}
   outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
-  logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped; "
-               "report: %s", len(rows), labels.count(1), labels.count(0), labels.count(-1),
-               summary["scans_skipped"], os.path.join(workdir, REPORT_FILE))
+  logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped, %d other "
+               "files ignored; report: %s", len(rows), labels.count(1), labels.count(0),
+               labels.count(-1), summary["scans_skipped"], ignored,
+               os.path.join(workdir, REPORT_FILE))
   if not rows:
     raise errors.InputError(f"no usable scan among {len(report_rows)} found; the reasons are "
                             f"in {os.path.join(workdir, REPORT_FILE)}")
@@ -248,6 +273,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                    config.get("figure_point_mm", (30.0, -20.0, 8.0)),
                                    title=f"{first.rows[0]['scan']}, frame 0")
   plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
+
+
+def _reusable(workdir: str, entries) -> tuple[dict[str, dict], dict[str, str]]:
+  """(scan -> row of finished shards this run keeps, scan -> why a shard is redone).
+
+  A shard under a scan's key made from another file (the manifest changed
+  between runs) is deleted and prepared again, never reused under a new name.
+  """
+  finished, redone = shards.finished_rows(workdir), {}
+  for entry in entries:
+    row = finished.get(entry.scan)
+    if row is not None and os.path.normpath(row["path"]) != os.path.normpath(entry.path):
+      shards.remove_scan(workdir, entry.scan)
+      del finished[entry.scan]
+      redone[entry.scan] = f"prepared again: the earlier shard {entry.scan} was of {row['path']}"
+  return finished, redone
 
 
 def _report_row(entry: layouts.ScanEntry) -> dict:

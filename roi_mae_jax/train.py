@@ -2,14 +2,18 @@ r"""Task `pretrain`: the region-aware masked autoencoder on a device mesh.
 
     python -m roi_mae_jax.main --config=configs/pretrain_aal3.py --workdir=runs/demo
 
-Re-running with the same workdir resumes from the newest checkpoint (same
-data order, same masks, same numbers). Writes to WORKDIR: config.json,
+Re-running with the same workdir resumes from the newest intact checkpoint
+(same data order, same masks, same numbers); a damaged newer one is reported
+and moved to checkpoints.rejected/. A resume must keep total_steps (the
+learning-rate schedule depends on it): another value is refused. A full disk
+stops the run with a message naming the checkpoint kept. Writes to WORKDIR: config.json,
 checkpoints/, metrics.jsonl, tensorboard/, loss_curve.png, reconstruction.png
 and pretrain_summary.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -38,7 +42,7 @@ REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size
                  "patches.size", "patches.frames", "mask.strategy", "mask.ratio", "model.size",
                  "optim.learning_rate", "log_every", "checkpoint_every")
 # Settings a resumed run may change without being a different run.
-RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints",
                      "fault_kill_after_step", "overwrite", "distributed")
 
 
@@ -63,6 +67,89 @@ def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
     raise errors.TrainingError(
         f"loss or gradient norm was not finite at step {bad + 1} (seen by step {step}); "
         f"training stopped and {kept}. Lower optim.learning_rate or check the data.")
+
+
+def _check_total_steps(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A resume keeps total_steps: the warmup + cosine schedule is laid out over it."""
+  path = os.path.join(workdir, outputs.CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    before = json.load(f).get("total_steps")
+  if before is not None and before != config.total_steps:
+    raise errors.InputError(
+        f"config.total_steps={config.total_steps} differs from the run in {workdir} "
+        f"({before} steps): its learning-rate schedule is laid out over {before} steps, so "
+        f"resume with --config.total_steps={before} or start another --workdir")
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+def _kept(ckpt: checkpoint_lib.Checkpointer) -> str:
+  last = ckpt.newest_sealed()
+  return (f"checkpoint step {last} in {ckpt.directory} is kept" if last is not None
+          else "no checkpoint had been written")
+
+
+def _close_after_error(ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Finishes pending saves so the process can exit; their own errors are only logged."""
+  try:
+    ckpt.close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("a pending checkpoint save failed too: %s", _first_line(e))
+
+
+def _resume_or_init(ckpt: checkpoint_lib.Checkpointer, setup: train_step.TrainSetup, iterator):
+  if ckpt.latest_step() is None:
+    return setup.init()
+  state, resumed_data = ckpt.restore(setup.abstract_state, data_iterator=iterator)
+  ckpt.set_aside_rejected()  # this run saves those steps again
+  logging.info("resumed from %s at step %d%s", ckpt.directory, int(state["step"]),
+               "" if resumed_data else " (no data position saved: the batches start over)")
+  return state
+
+
+def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.TokenSpec, mesh,
+          state, iterator, ckpt: checkpoint_lib.Checkpointer):
+  """Steps from the state's step to total_steps: log, check, checkpoint; returns the state."""
+  start_step = int(jax.device_get(state["step"]))
+  log = metrics_lib.MetricsLog(workdir, config.total_steps, resumed_from=start_step)
+  try:
+    tokens_per_step = config.batch_size * spec.num_tokens
+    compiled, pending = None, []
+    last_time, last_step = time.time(), start_step
+    for step in range(start_step, config.total_steps):
+      batch = sharding_lib.global_batch({"windows": next(iterator)["windows"]}, mesh)
+      if compiled is None:
+        compiled = _compile(setup, state, batch)
+        last_time = time.time()
+      state, step_metrics = compiled(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      if done % config.log_every == 0 or done == config.total_steps:
+        _check_finite(state, done, ckpt)
+        values = jax.device_get(pending)
+        elapsed = time.time() - last_time
+        seconds_per_step = elapsed / max(done - last_step, 1)
+        record = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "grad_norm")}
+        record.update(param_norm=float(values[-1]["param_norm"]),
+                      learning_rate=float(values[-1]["learning_rate"]),
+                      step_time=seconds_per_step,
+                      tokens_per_s=tokens_per_step / seconds_per_step)
+        log.write(done, record)
+        log.progress(done, seconds_per_step, f"loss {record['loss']:.4f}")
+        pending, last_time, last_step = [], time.time(), done
+      if done % config.checkpoint_every == 0 or done == config.total_steps:
+        _check_finite(state, done, ckpt)
+        ckpt.save(done, state, data_iterator=iterator)
+      if done == config.get("fault_kill_after_step", 0):
+        ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
+        os.kill(os.getpid(), signal.SIGKILL)
+  finally:
+    log.close()  # its TensorBoard writer thread would keep the process alive
+  return state
 
 
 def _compile(setup: train_step.TrainSetup, state, batch):
@@ -98,52 +185,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   source = sources.training_source(config, multiple_of=config.patches.size)
   iterator = make_iterator(config, source, local_batch)
 
-  # --- State and checkpoints ----------------------------------------------
+  # --- State, checkpoints and the loop --------------------------------------
   setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
+  _check_total_steps(workdir, config)
   outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, resumed_data = ckpt.restore(setup.abstract_state, data_iterator=iterator)
-    logging.info("resumed from %s at step %d%s", ckpt.directory, int(state["step"]),
-                 "" if resumed_data else " (no data position saved: the batches start over)")
-  else:
-    state = setup.init()
-  start_step = int(jax.device_get(state["step"]))
-  log = metrics_lib.MetricsLog(workdir, config.total_steps, resumed_from=start_step)
-
-  # --- Loop ---------------------------------------------------------------
-  tokens_per_step = config.batch_size * spec.num_tokens
-  compiled, pending = None, []
-  last_time, last_step = time.time(), start_step
-  for step in range(start_step, config.total_steps):
-    batch = sharding_lib.global_batch({"windows": next(iterator)["windows"]}, mesh)
-    if compiled is None:
-      compiled = _compile(setup, state, batch)
-      last_time = time.time()
-    state, step_metrics = compiled(state, batch)
-    pending.append(step_metrics)
-    done = step + 1
-    if done % config.log_every == 0 or done == config.total_steps:
-      _check_finite(state, done, ckpt)
-      values = jax.device_get(pending)
-      elapsed = time.time() - last_time
-      seconds_per_step = elapsed / max(done - last_step, 1)
-      record = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "grad_norm")}
-      record.update(param_norm=float(values[-1]["param_norm"]),
-                    learning_rate=float(values[-1]["learning_rate"]),
-                    step_time=seconds_per_step, tokens_per_s=tokens_per_step / seconds_per_step)
-      log.write(done, record)
-      log.progress(done, seconds_per_step, f"loss {record['loss']:.4f}")
-      pending, last_time, last_step = [], time.time(), done
-    if done % config.checkpoint_every == 0 or done == config.total_steps:
-      _check_finite(state, done, ckpt)
-      ckpt.save(done, state, data_iterator=iterator)
-    if done == config.get("fault_kill_after_step", 0):
-      ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
-      os.kill(os.getpid(), signal.SIGKILL)
-  ckpt.close()
-  log.close()
+  try:
+    state = _resume_or_init(ckpt, setup, iterator)
+    state = _loop(config, workdir, setup, spec, mesh, state, iterator, ckpt)
+    ckpt.close()
+  except Exception as e:  # pylint: disable=broad-except
+    _close_after_error(ckpt)
+    if errors.is_disk_full(e):
+      raise errors.TrainingError(
+          f"no space left on device ({_first_line(e)}); training stopped and "
+          f"{_kept(ckpt)}: free space and re-run the same command to resume") from e
+    raise
 
   # --- Figures --------------------------------------------------------------
   write_figures(config, workdir, setup, state, source, spec, sampler)

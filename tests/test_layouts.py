@@ -86,3 +86,66 @@ def test_label_values_and_require_label(athena_dir):
   assert len(entries) == 8 and all(e.label in (0, 1) for e in entries)
   with pytest.raises(errors.InputError, match="not a folder"):
     layouts.find_scans(prepare_config(athena_dir / "nowhere"))
+
+
+def _athena_subject(root, site, sid, names=None):
+  folder = root / site / sid
+  folder.mkdir(parents=True)
+  for name in names or [f"sfnwmrda{sid}_session_1_rest_1.nii.gz"]:
+    (folder / name).write_bytes(b"")  # listing only: never opened here
+
+
+def test_athena_tables_that_cannot_be_trusted_skip_their_scans_and_say_why(tmp_path):
+  # ';' table: detected, so its labels and failed QC are applied.
+  for sid in ("1", "2"):
+    _athena_subject(tmp_path, "Semi", sid)
+  (tmp_path / "Semi" / "Semi_phenotypic.csv").write_text(
+      "ScanDir ID;Site;DX;QC_Rest_1\n1;1;1;0\n2;1;0;1\n")
+  # One ID on two rows: different DX -> skipped naming the lines; same values -> used.
+  for sid in ("3", "4"):
+    _athena_subject(tmp_path, "Dup", sid)
+  (tmp_path / "Dup" / "Dup_phenotypic.csv").write_text(
+      "ScanDir ID,DX,QC_Rest_1\n3,0,1\n4,1,1\n3,1,1\n4,1,1\n")
+  _athena_subject(tmp_path, "NoDX", "5")
+  (tmp_path / "NoDX" / "NoDX_phenotypic.csv").write_text("ScanDir ID,Diagnosis,QC_Rest_1\n5,1,1\n")
+  _athena_subject(tmp_path, "Latin1", "6")
+  (tmp_path / "Latin1" / "Latin1_phenotypic.csv").write_bytes(
+      "ScanDir ID,DX,QC_Rest_1,Site\n6,1,1,Z\xfcrich\n".encode("latin-1"))
+  # Three candidate files: one used, the others listed as ignored.
+  _athena_subject(tmp_path, "Many", "7", ["sfnwmrda7_session_1_rest_1.nii.gz",
+                                          "snwmrda7_session_1_rest_1.nii.gz",
+                                          "sfnwmrda7_session_1_rest_2.nii.gz"])
+  entries, skipped = layouts.find_scans(prepare_config(tmp_path))
+  labels = {e.subject: e.label for e in entries}
+  assert labels == {"2": 0, "4": 1, "7": -1}
+  why = {}
+  for s in skipped:
+    why.setdefault(s.subject, []).append((s.status, os.path.basename(s.path), s.reason))
+  assert why["1"] == [("skipped", "sfnwmrda1_session_1_rest_1.nii.gz",
+                       "failed quality control (QC_Rest_1 = 0) on line 2 of "
+                       f"{tmp_path / 'Semi' / 'Semi_phenotypic.csv'}")]
+  [(status, _, reason)] = why["3"]
+  assert status == "skipped" and "Dup_phenotypic.csv lines 2, 4 all give ScanDir ID 3" in reason
+  [(status, _, reason)] = why["5"]
+  assert status == "skipped" and "NoDX_phenotypic.csv has no 'DX' column" in reason
+  [(status, _, reason)] = why["6"]
+  assert status == "skipped" and "Latin1_phenotypic.csv is not UTF-8 text" in reason
+  assert sorted(why["7"]) == [
+      ("ignored", name, "not used: sfnwmrda7_session_1_rest_1.nii.gz is this subject's scan "
+       "(one scan per subject: session_1 rest_1, sfnwmrda before snwmrda)")
+      for name in ("sfnwmrda7_session_1_rest_2.nii.gz", "snwmrda7_session_1_rest_1.nii.gz")]
+
+
+def test_duplicate_ids_in_other_layouts_are_reported(scan_files, tmp_path):
+  (tmp_path / layouts.NILEARN_PHENOTYPES).write_text(
+      "Subject;site;adhd\n10042;NYU;1\n10042;NYU;0\n10064;NYU;0\n")
+  entries, skipped = layouts.find_scans(prepare_config(tmp_path, source="nilearn_adhd"))
+  assert [e.subject for e in entries] == ["0010064"]
+  assert [s.subject for s in skipped] == ["0010042"] and "lines 2, 3" in skipped[0].reason
+  func = "task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+  _copy(scan_files[0], tmp_path / "bids" / "sub-01" / "func" / f"sub-01_{func}")
+  (tmp_path / "bids" / "participants.tsv").write_text(
+      "participant_id\tdx\nsub-01\t1\nsub-01\t0\n")
+  entries, skipped = layouts.find_scans(prepare_config(tmp_path / "bids", source="fmriprep",
+                                                       label_column="dx"))
+  assert not entries and "lines 2, 3 all give participant sub-01" in skipped[0].reason

@@ -22,6 +22,9 @@ def test_notebook_probes_and_ranks_regions(pretrained_dir, tmp_path, monkeypatch
   monkeypatch.setenv("ROI_MAE_CHECKPOINT", str(pretrained_dir))
   monkeypatch.setenv("ROI_MAE_SUBJECTS", "24")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # The kernel runs in tmp_path: import this checkout, not another installed copy.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.environ.get(
+      "PYTHONPATH")])))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})

@@ -13,6 +13,17 @@ Layouts (`config.source`):
   manifest      a CSV (`config.manifest`) with columns path, subject, site, label and optional tr;
                 relative paths are relative to the CSV.
 
+Every scan file found is reported: used, skipped (and why), or ignored (e.g. a
+second run of an Athena subject: only session_1 rest_1 is prepared). Scan keys
+(shard names) are unique, case-insensitively; a key already taken gets _2, _3,
+... and the report says so. Tables are read with their delimiter detected
+(',', ';' or tab). A label table that cannot be trusted skips the scans it
+would label, each with a reason naming the file and lines: unreadable, without
+its ID, label or QC column, or giving one ID on several rows (identical
+repeats in an ADHD-200 phenotypic table are used once). A scan list that
+cannot be read (manifest, nilearn's table) stops the run. A file listed twice
+in a manifest is prepared once.
+
 Labels map through `config.label_values` ('0=0,1=1,2=1,3=1': ADHD-200's DX, where 1-3 are
 ADHD subtypes); 'pending', empty or unknown values leave a scan unlabelled (label -1): it
 still serves pretraining unless `config.require_label`.
@@ -20,7 +31,6 @@ still serves pretraining unless `config.require_label`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
 import json
@@ -28,6 +38,7 @@ import os
 import re
 
 from roi_mae_jax import errors
+from roi_mae_jax.data import tables
 
 SOURCES = ("adhd200", "nilearn_adhd", "fmriprep", "manifest")
 UNLABELLED = -1
@@ -54,6 +65,7 @@ class Skipped:
   subject: str
   path: str
   reason: str
+  status: str = "skipped"   # or "ignored": a file that is not this subject's scan
 
 
 def safe_name(text: str) -> str:
@@ -86,48 +98,84 @@ def _label(raw: str | None, values: dict[str, int], where: str) -> tuple[int, st
   return UNLABELLED, f"label {text!r} ({where}) is not in config.label_values: pretraining only"
 
 
-def _read_table(path: str, delimiter: str = ",") -> list[dict[str, str]]:
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-
-
 def _id_key(text: str) -> str:
   """Subject ids compare as numbers when they are numbers ('0010001' == '10001')."""
   text = text.strip().strip('"')
   return str(int(text)) if text.isdigit() else text
 
 
+ATHENA_PREFIXES = ("sfnwmrda", "snwmrda")  # filtered first, as the Athena release prefers
+ATHENA_ID = "ScanDir ID"
+
+
+def _phenotypes(table: str, columns: tuple[str, ...]) -> tuple[dict, dict, str]:
+  """(id -> row, id -> problem with its rows, problem with the whole table) of one site."""
+  if not os.path.exists(table):
+    return {}, {}, ""
+  try:
+    read = tables.read_table(table, expected=columns)
+    read.require(*columns)
+  except tables.TableError as e:
+    return {}, {}, f"{e}: its scans are not prepared"
+  rows, problems = {}, {}
+  for sid, lines in read.duplicates(lambda r: _id_key(r.get(ATHENA_ID, ""))).items():
+    values = {tuple(row.get(c, "") for c in columns[1:]) for line, row in read.rows
+              if line in lines}
+    if len(values) > 1:
+      problems[sid] = (f"{table} lines {', '.join(map(str, lines))} all give {ATHENA_ID} "
+                       f"{sid} with different values ({', '.join(columns[1:])}): not prepared "
+                       "until one row is left")
+  for line, row in read.rows:
+    rows.setdefault(_id_key(row.get(ATHENA_ID, "")), dict(row, _line=line))
+  return rows, problems, ""
+
+
+def _athena_scan(site_dir: str, sid: str) -> tuple[str, list[Skipped]]:
+  """This subject's scan path (which may be missing) and the other NIfTI files, ignored."""
+  folder = os.path.join(site_dir, sid)
+  paths = [os.path.join(folder, f"{p}{sid}_session_1_rest_1.nii.gz") for p in ATHENA_PREFIXES]
+  path = next((p for p in paths if os.path.exists(p)), paths[0])
+  others = sorted(n for n in os.listdir(folder) if re.search(r"\.nii(\.gz)?$", n) and
+                  os.path.join(folder, n) != path)
+  why = (f"not used: {os.path.basename(path)} is this subject's scan" if os.path.exists(path)
+         else "not used: no " + " or ".join(os.path.basename(p) for p in paths))
+  why += " (one scan per subject: session_1 rest_1, sfnwmrda before snwmrda)"
+  return path, [Skipped(sid, os.path.join(folder, n), why, "ignored") for n in others]
+
+
 def _find_adhd200(config) -> tuple[list[ScanEntry], list[Skipped]]:
   root, values = config.input_dir, parse_label_values(config.label_values)
+  columns = (ATHENA_ID, "DX") + ((config.qc_column,) if config.qc_column else ())
   entries, skipped = [], []
   sites = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   for site in sites:
     site_dir = os.path.join(root, site)
     table = os.path.join(site_dir, f"{site}_phenotypic.csv")
-    rows = {}
-    if os.path.exists(table):
-      rows = {_id_key(r.get("ScanDir ID", "")): r for r in _read_table(table)}
+    rows, problems, table_problem = _phenotypes(table, columns)
     subjects = sorted(d for d in os.listdir(site_dir) if os.path.isdir(os.path.join(site_dir, d)))
     for sid in subjects:
-      names = [f"{p}{sid}_session_1_rest_1.nii.gz" for p in ("sfnwmrda", "snwmrda")]
-      paths = [os.path.join(site_dir, sid, n) for n in names]
-      path = next((p for p in paths if os.path.exists(p)), paths[0])
+      path, ignored = _athena_scan(site_dir, sid)
+      skipped += ignored
       row = rows.pop(_id_key(sid), None)
+      problem = table_problem or problems.get(_id_key(sid))
+      if problem:
+        skipped.append(Skipped(sid, path, problem))
+        continue
       if row is None:
         missing = "is missing" if not os.path.exists(table) else "has no row for it"
         label, note = UNLABELLED, f"{table} {missing}: pretraining only"
       else:
-        label, note = _label(row.get("DX"), values, "DX")
+        label, note = _label(row.get("DX"), values, f"DX on line {row['_line']} of {table}")
         qc = row.get(config.qc_column, "") if config.qc_column else ""
         if qc.strip() == "0":
-          skipped.append(Skipped(sid, path, f"failed quality control ({config.qc_column} = 0)"))
+          skipped.append(Skipped(sid, path, f"failed quality control ({config.qc_column} = 0) "
+                                 f"on line {row['_line']} of {table}"))
           continue
       entries.append(ScanEntry(safe_name(f"{site}_{sid}"), sid, site, label, path, note=note))
     for key, row in rows.items():  # phenotype rows without a scan folder
-      sid = row.get("ScanDir ID", key)
+      sid = row.get(ATHENA_ID, key)
       skipped.append(Skipped(sid, os.path.join(site_dir, sid), "missing file: no scan folder "
-                             f"for this {os.path.basename(table)} row"))
+                             f"for line {row['_line']} of {table}"))
   return entries, skipped
 
 
@@ -136,14 +184,23 @@ def _find_nilearn_adhd(config) -> tuple[list[ScanEntry], list[Skipped]]:
   table = os.path.join(root, NILEARN_PHENOTYPES)
   if not os.path.exists(table):
     raise errors.InputError(f"{table} is missing: input_dir must be nilearn's 'adhd' folder")
+  read = tables.read_table(table, expected=("Subject", "adhd"))
+  read.require("Subject")
+  duplicates = read.duplicates(lambda r: r.get("Subject", "").strip('"'))
   entries, skipped = [], []
-  for row in _read_table(table):
+  for line, row in read.rows:
     sid = row.get("Subject", "").strip('"')
     if not sid:
       continue
     folder = sid.zfill(7) if sid.isdigit() else sid
     path = os.path.join(root, "data", folder, f"{folder}_rest_tshift_RPI_voreg_mni.nii.gz")
-    label, note = _label(row.get("adhd"), values, "adhd")
+    if sid in duplicates:
+      if line == duplicates[sid][0]:
+        skipped.append(Skipped(folder, path, f"{table} lines "
+                               f"{', '.join(map(str, duplicates[sid]))} all give Subject {sid}: "
+                               "not prepared until one row is left"))
+      continue
+    label, note = _label(row.get("adhd"), values, f"adhd on line {line}")
     site = row.get("site", "").strip().strip('"') or "unknown"
     entries.append(ScanEntry(safe_name(f"{site}_{folder}"), folder, site, label, path,
                              note=note))
@@ -165,10 +222,19 @@ def _find_fmriprep(config) -> tuple[list[ScanEntry], list[Skipped]]:
   paths = sorted(glob.glob(os.path.join(root, "sub-*", "func", pattern)) +
                  glob.glob(os.path.join(root, "sub-*", "ses-*", "func", pattern)))
   table = os.path.join(root, "participants.tsv")
-  participants = {}
+  participants, problems, table_problem = {}, {}, ""
   if os.path.exists(table):
-    participants = {r.get("participant_id", "").removeprefix("sub-"): r
-                    for r in _read_table(table, delimiter="\t")}
+    try:
+      read = tables.read_table(table, expected=("participant_id",), default="\t")
+      read.require("participant_id")
+    except tables.TableError as e:
+      table_problem = f"{e}: its scans are not prepared"
+    else:
+      pid = lambda r: r.get("participant_id", "").removeprefix("sub-")
+      for sid, lines in read.duplicates(pid).items():
+        problems[sid] = (f"{table} lines {', '.join(map(str, lines))} all give participant "
+                         f"sub-{sid}: not prepared until one row is left")
+      participants = {pid(r): r for _, r in read.rows}
   entries, skipped, runs = [], [], {}
   for path in paths:
     name = os.path.basename(path)
@@ -179,6 +245,10 @@ def _find_fmriprep(config) -> tuple[list[ScanEntry], list[Skipped]]:
       continue
     runs[run] = name
     row = participants.get(subject.removeprefix("sub-"))
+    problem = table_problem or problems.get(subject.removeprefix("sub-"))
+    if problem:
+      skipped.append(Skipped(subject, path, problem))
+      continue
     if not config.label_column:
       label, note = UNLABELLED, "config.label_column is not set: pretraining only"
     elif row is None:
@@ -195,15 +265,14 @@ def _find_manifest(config) -> tuple[list[ScanEntry], list[Skipped]]:
   manifest, values = config.manifest, parse_label_values(config.label_values)
   if not os.path.exists(manifest):
     raise errors.InputError(f"manifest {manifest} does not exist")
-  rows = _read_table(manifest)
-  needed = {"path", "subject", "site", "label"}
-  if not rows or not needed <= set(rows[0]):
-    have = ", ".join(rows[0]) if rows else "no rows"
+  read = tables.read_table(manifest, expected=("path", "subject", "site", "label"))
+  if not read.rows or not {"path", "subject", "site", "label"} <= set(read.columns):
+    have = ", ".join(read.columns) if read.rows else "no rows"
     raise errors.InputError(f"manifest {manifest} needs columns path, subject, site, label "
                             f"(and optional tr); it has {have}")
   base = os.path.dirname(os.path.abspath(manifest))
-  entries, seen = [], {}
-  for line, row in enumerate(rows, start=2):
+  entries, skipped, first_line = [], [], {}
+  for line, row in read.rows:
     path = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
     label, note = _label(row["label"], values, f"label on line {line}")
     try:
@@ -211,13 +280,38 @@ def _find_manifest(config) -> tuple[list[ScanEntry], list[Skipped]]:
     except ValueError as e:
       raise errors.InputError(f"manifest {manifest} line {line}: tr {row['tr']!r} is not a "
                               "number") from e
-    scan = safe_name(row["subject"])
-    seen[scan] = seen.get(scan, 0) + 1
-    if seen[scan] > 1:
-      scan = f"{scan}_{seen[scan]}"
-    entries.append(ScanEntry(scan, row["subject"], row["site"] or "unknown", label, path, tr,
-                             note))
-  return entries, []
+    same = os.path.normpath(path)
+    if same in first_line:  # trained on twice otherwise
+      skipped.append(Skipped(row["subject"], path, f"the same file as line {first_line[same]} "
+                             f"of {manifest} (line {line}): prepared once"))
+      continue
+    first_line[same] = line
+    entries.append(ScanEntry(safe_name(row["subject"]), row["subject"], row["site"] or "unknown",
+                             label, path, tr, note))
+  return entries, skipped
+
+
+def unique_scan_keys(entries: list[ScanEntry]) -> list[ScanEntry]:
+  """Entries with unique scan keys, compared case-insensitively (shard file names).
+
+  A key taken by an earlier entry gets the first free _2, _3, ...; a suffix is
+  never one another entry has as its own key.
+  """
+  taken = {e.scan.lower() for e in entries}
+  used, out = set(), []
+  for entry in entries:
+    key = entry.scan
+    if key.lower() in used:
+      n = 2
+      while f"{entry.scan}_{n}".lower() in used | taken:
+        n += 1
+      key = f"{entry.scan}_{n}"
+      note = f"scan key {key}: {entry.scan} is another scan's"
+      entry = dataclasses.replace(entry, scan=key, note="; ".join(filter(None, [entry.note,
+                                                                                note])))
+    used.add(key.lower())
+    out.append(entry)
+  return out
 
 
 def find_scans(config) -> tuple[list[ScanEntry], list[Skipped]]:
@@ -231,6 +325,7 @@ def find_scans(config) -> tuple[list[ScanEntry], list[Skipped]]:
     raise errors.InputError(f"config.input_dir {config.input_dir!r} is not a folder "
                             f"(source {config.source} reads a folder)")
   entries, skipped = finders[config.source](config)
+  entries = unique_scan_keys(entries)
   if config.require_label:
     kept = []
     for e in entries:

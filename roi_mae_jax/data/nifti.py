@@ -13,14 +13,18 @@ Rules (each failure is one reason; the header checks are all reported together):
     header's pixdim[4] in its time unit (a value over 100 in 'sec' or
     unknown units is read as milliseconds); otherwise `config.default_tr`;
     it must lie in 0.2-10 s;
-  - the affine is plausibly MNI: voxel sizes 0.5-10 mm, axes within
+  - the affine is finite and not singular (each named as such), and plausibly
+    MNI: voxel sizes 0.5-10 mm, axes within
     `max_oblique_degrees` of the cardinal axes (images in MNI space are not
     oblique; native EPI usually is) and a field of view that covers at least
     `min_coverage` of the atlas brain on the target grid;
   - values: a voxel that is NaN or inf in any frame is treated as missing
     for the whole run (set to 0 and left out of the normalisation); when
     such voxels exceed `max_nonfinite_fraction` of the brain the scan is
-    rejected, and so is a scan with a frame that is non-finite everywhere.
+    rejected, and so is a scan with a frame that is non-finite everywhere;
+  - signal: a scan whose brain voxels all hold one value, or whose signal
+    does not change over time in most of the brain, is rejected (it would
+    normalise to nothing or to noise).
 """
 
 from __future__ import annotations
@@ -130,6 +134,31 @@ class Scan:
       yield start, data
 
 
+def _affine_problems(affine: np.ndarray, shape, rules: ScanRules,
+                     brain_world_mm: np.ndarray) -> list[str]:
+  """Why the affine does not place the image in MNI space ([] when it does)."""
+  if not np.all(np.isfinite(affine)):
+    return ["the affine (sform/qform) has NaN or inf entries: the image has no position in "
+            "space"]
+  sizes = nib.affines.voxel_sizes(affine)
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    return [f"the affine is singular (voxel sizes {np.round(sizes, 2).tolist()} mm): the "
+            "image has no position in space"]
+  if not np.all((sizes >= VOXEL_RANGE_MM[0]) & (sizes <= VOXEL_RANGE_MM[1])):
+    return [f"voxel sizes {np.round(sizes, 2).tolist()} mm are not those of an MNI-space "
+            "image"]
+  reasons = []
+  oblique = float(np.degrees(np.max(nib.affines.obliquity(affine))))
+  if oblique > rules.max_oblique_degrees:
+    reasons.append(f"oblique affine ({oblique:.1f} deg off the axes): not resampled to "
+                   "MNI space")
+  covered = coverage(affine, shape, brain_world_mm)
+  if covered < rules.min_coverage:
+    reasons.append(f"field of view covers {100 * covered:.0f}% of the MNI brain (needs "
+                   f"{100 * rules.min_coverage:.0f}%): not in MNI space")
+  return reasons
+
+
 def open_scan(path: str, rules: ScanRules, brain_world_mm: np.ndarray,
               tr: float | None = None) -> Scan:
   """Opens `path` and checks its header; raises `ScanRejected` with every reason."""
@@ -180,21 +209,7 @@ def open_scan(path: str, rules: ScanRules, brain_world_mm: np.ndarray,
   elif frames < rules.min_frames:
     reasons.append(f"too few frames: {frames}; windows need {rules.min_frames}")
 
-  affine = image.affine
-  sizes = nib.affines.voxel_sizes(affine)
-  if not np.all(np.isfinite(affine)) or not np.all(
-      (sizes >= VOXEL_RANGE_MM[0]) & (sizes <= VOXEL_RANGE_MM[1])):
-    reasons.append(f"voxel sizes {np.round(sizes, 2).tolist()} mm are not those of an "
-                   "MNI-space image")
-  else:
-    oblique = float(np.degrees(np.max(nib.affines.obliquity(affine))))
-    if oblique > rules.max_oblique_degrees:
-      reasons.append(f"oblique affine ({oblique:.1f} deg off the axes): not resampled to "
-                     "MNI space")
-    covered = coverage(affine, shape, brain_world_mm)
-    if covered < rules.min_coverage:
-      reasons.append(f"field of view covers {100 * covered:.0f}% of the MNI brain (needs "
-                     f"{100 * rules.min_coverage:.0f}%): not in MNI space")
+  reasons += _affine_problems(image.affine, shape, rules, brain_world_mm)
   if reasons:
     raise ScanRejected("; ".join(reasons))
   return Scan(path, image, scan_tr, tr_source, frames)

@@ -47,8 +47,9 @@ class SyntheticWindows:
 
   def __init__(self, data: synthetic.SyntheticFMRI, frames: int):
     if frames > data.run_frames:
-      raise ValueError(f"windows of {frames} frames do not fit the "
-                       f"{data.run_frames}-frame synthetic runs")
+      raise errors.InputError(f"windows of {frames} frames do not fit the "
+                              f"{data.run_frames}-frame synthetic runs (config.frames, "
+                              "config.data.synthetic.run_frames)")
     self.data = data
     self.frames = frames
 

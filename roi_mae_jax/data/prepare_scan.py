@@ -60,7 +60,8 @@ def _frame_list(frames: list[int]) -> str:
 def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarray, float]:
   """(N, frames) values at the brain voxels, (N,) voxels with data, NaN share.
 
-  Raises `ScanRejected` for too many non-finite voxels or an all-NaN frame.
+  Raises `ScanRejected` for too many non-finite voxels, an all-NaN frame,
+  constant values or a signal that does not change over time.
   """
   sampler = resample.TrilinearSampler(scan.affine, scan.shape, job.brain_world_mm)
   values = np.empty((job.num_brain_voxels, scan.frames), np.float32)
@@ -84,12 +85,21 @@ def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarra
     raise nifti.ScanRejected(
         f"NaN/inf values in {100 * bad_share:.1f}% of the brain voxels (at most "
         f"{100 * job.rules.max_nonfinite_fraction:g}% are tolerated and zeroed)")
+  inside = values[sampler.covered & ~bad]
+  if inside.size and inside.min() == inside.max():
+    raise nifti.ScanRejected(f"constant values: every brain voxel is {float(inside[0, 0]):g} "
+                             "in every frame (no signal)")
   with_data = sampler.covered & ~bad & np.any(values != 0, axis=1)
   share = float(with_data.mean())
   if share < job.rules.min_signal_fraction:
     raise nifti.ScanRejected(
         f"only {100 * share:.0f}% of the atlas brain has data in this scan (needs "
         f"{100 * job.rules.min_signal_fraction:.0f}%): empty or not in MNI space")
+  moving = float((np.ptp(values[with_data], axis=1) > 0).mean())
+  if moving < job.rules.min_signal_fraction:
+    raise nifti.ScanRejected(
+        f"the signal changes over time in only {100 * moving:.0f}% of the brain voxels with "
+        f"data (needs {100 * job.rules.min_signal_fraction:.0f}%): the frames repeat one volume")
   return values, with_data, bad_share
 
 

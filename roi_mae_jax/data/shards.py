@@ -12,7 +12,9 @@
 A scan is finished when its JSON row exists: the shard is written under a
 temporary name and renamed first, so an interrupted prepare leaves nothing
 that looks finished. Frames are single records (group size 1), so a random
-window reads only its own frames.
+window reads only its own frames. Opening a dataset checks that every shard
+is readable and holds the frames index.csv gives it; a damaged shard found
+then or while reading stops with one `InputError` naming the file and why.
 """
 
 from __future__ import annotations
@@ -130,6 +132,14 @@ def remove_unfinished(workdir: str) -> list[str]:
   return removed
 
 
+def remove_scan(workdir: str, scan: str) -> None:
+  """Deletes the row, then the shard, of `scan` (in that order: never a row without data)."""
+  path = shard_path(workdir, scan)
+  for name in (path[:-len(SHARD_SUFFIX)] + ".json", path):
+    if os.path.exists(name):
+      os.remove(name)
+
+
 def write_table(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
   """A CSV with `columns`, written atomically."""
   tmp = path + ".tmp"
@@ -147,6 +157,31 @@ def read_info(workdir: str) -> DatasetInfo:
                             "make one with task=prepare (configs/prepare.py)")
   with open(path, encoding="utf-8") as f:
     return DatasetInfo.from_json(json.load(f))
+
+
+_REDO = ("delete that shard and its .json and re-run task prepare into {workdir} to redo "
+         "the scan")
+
+
+def _reason(error: Exception) -> str:
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+
+
+def _check_shard(path: str, frames: int, index: str) -> None:
+  """Raises `InputError` unless `path` opens and holds `frames` records."""
+  workdir = os.path.dirname(os.path.dirname(path))
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      found = reader.num_records()
+    finally:
+      reader.close()
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.InputError(f"{path} is not a readable shard ({_reason(e)}); "
+                            f"{_REDO.format(workdir=workdir)}") from None
+  if found != frames:
+    raise errors.InputError(f"{path} holds {found} frames but {index} says {frames}; "
+                            f"{_REDO.format(workdir=workdir)}")
 
 
 class PreparedDataset:
@@ -168,6 +203,8 @@ class PreparedDataset:
     if missing:
       raise errors.InputError(f"{len(missing)} shards listed in {index} are missing, "
                               f"e.g. {os.path.join(workdir, missing[0])}")
+    for row in self.rows:
+      _check_shard(os.path.join(workdir, row["shard"]), row["frames"], index)
     counts = [r["frames"] for r in self.rows]
     self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     self._source = None
@@ -197,7 +234,13 @@ class PreparedDataset:
       raise errors.InputError(f"frames [{start}, {start + count}) are outside scan "
                               f"{row['scan']} ({row['frames']} frames)")
     keys = list(range(self.offsets[scan] + start, self.offsets[scan] + start + count))
-    records = self.source.__getitems__(keys)
+    try:
+      records = self.source.__getitems__(keys)
+    except Exception as e:  # pylint: disable=broad-except
+      # Riegeli reports damage deep inside Grain's threads without the file name.
+      raise errors.InputError(
+          f"{os.path.join(self.workdir, row['shard'])}: frames {start}-{start + count - 1} "
+          f"are unreadable ({_reason(e)}); {_REDO.format(workdir=self.workdir)}") from None
     out = np.zeros(self.info.grid_shape + (count,), np.float32)
     for t, record in enumerate(records):
       if len(record) != self._frame_bytes:
