@@ -20,8 +20,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.clip_windows = 4           # consecutive windows the classifier reads at once
   config.steps = 60                 # per split
   config.batch_size = 4             # clips per step
-  config.learning_rate = 1e-3       # the head's
-  config.encoder_lr_scale = 0.1     # encoder learning rate = this x learning_rate
+  # The head starts at the probe's solution over thousands of features: Adam moves
+  # every weight by about the learning rate, so the head's rate is small.
+  config.learning_rate = 1e-5       # the head's
+  config.encoder_lr_scale = 10.0    # encoder learning rate = this x learning_rate
   config.weight_decay = 1e-4
   config.schemes = "kfold,loso"
   config.folds = 5

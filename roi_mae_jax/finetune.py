@@ -123,22 +123,22 @@ def _subject_logits(trainer: Trainer, params, source, clips: dict, subjects,
   return np.array(out)
 
 
-def _initial_head(trainer: Trainer, config, source, clips: dict, subjects, labels):
-  """The probe's logistic regression on the training subjects' clip features."""
-  rows, y = [], []
-  fn = jax.jit(lambda c: classifier.clip_features(trainer.pre, trainer.pool,
-                                                 trainer.pre.params, c))
-  for subject, label in zip(subjects, labels):
-    for clip in clips[subject]:
-      rows.append(np.asarray(fn(jnp.asarray(_read(source, [clip])[0]))))
-      y.append(label)
-  return classifier.fit_linear_head(np.stack(rows), np.array(y), trainer.pool,
-                                    seed=int(config.seed))
+def clip_features(pre: pretrained_lib.Pretrained, pool: str, source,
+                  clips: dict) -> dict[str, np.ndarray]:
+  """subject -> (clips, F) features of the pretrained encoder (computed once, every split
+  fits its initial head on its training subjects' rows)."""
+  fn = jax.jit(lambda c: classifier.clip_features(pre, pool, pre.params, c))
+  return {subject: np.stack([np.asarray(fn(jnp.asarray(_read(source, [clip])[0])))
+                             for clip in items]) for subject, items in clips.items()}
 
 
-def train_one(trainer: Trainer, config, source, clips: dict, subjects, labels, seed: int):
-  """Trains on random clips of `subjects`; returns (params, calibration (a, b))."""
-  head = _initial_head(trainer, config, source, clips, subjects, labels)
+def train_one(trainer: Trainer, config, source, clips: dict, subjects, labels, seed: int,
+              initial: dict[str, np.ndarray]):
+  """Trains on random clips of `subjects` from the probe's head on `initial` features;
+  returns (params, calibration (a, b))."""
+  rows = np.concatenate([initial[s] for s in subjects])
+  y = np.concatenate([np.full(len(initial[s]), label) for s, label in zip(subjects, labels)])
+  head = classifier.fit_linear_head(rows, y, trainer.pool, seed=int(config.seed))
   state = trainer.init(head)
   rng = np.random.default_rng(seed)
   counts = np.bincount(labels, minlength=2)
@@ -179,11 +179,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   splits = splits_lib.from_config(config, table.subjects, table.labels, table.sites)
   clips = subject_clips(source, set(table.subjects), int(config.clip_windows))
   trainer = Trainer(pre, config)
+  initial = clip_features(pre, config.pool, source, clips)
   per_split = {}
   for n, split in enumerate(splits, start=1):
     train_subjects = [table.subjects[r] for r in split.train]
     params, calibration = train_one(trainer, config, source, clips, train_subjects,
-                                    table.labels[split.train], int(config.seed) + n)
+                                    table.labels[split.train], int(config.seed) + n, initial)
     test_subjects = [table.subjects[r] for r in split.test]
     probs = _probabilities(_subject_logits(trainer, params, source, clips, test_subjects,
                                            int(config.batch_size)), calibration)
@@ -204,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"{config.clip_windows} windows), ADHD vs control: {len(table.subjects)} "
             "subjects\n\n" + text)
   final, calibration = train_one(trainer, config, source, clips, table.subjects, table.labels,
-                                 int(config.seed))
+                                 int(config.seed), initial)
   classifier.save_classifier(paths["classifier"], final, {
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),
