@@ -20,7 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Subject features from the time course of the encoder's region embeddings over
   # a scan (roi_mae_jax/features.py): mean | region | region_std | region_corr,
   # or several joined by '+'.
-  config.pool = "region_std"
+  config.pool = "region_std+region_corr"  # best measured on the realistic preset (README)
   config.stride = 0                 # frames between window starts (0: the window length)
   config.baselines = "region_stats,fc,init"  # probed on the same splits ('' : none)
   config.schemes = "kfold,loso"

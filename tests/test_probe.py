@@ -65,7 +65,7 @@ def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_
   results = json.loads((tmp_path / "probe_results.json").read_text())
   assert set(results) >= {"features", "splits", "differences", "meta"}
   assert set(results["features"]) == {"encoder", "encoder_jax", "region_stats", "fc", "init"}
-  assert results["meta"]["subjects"] == 48 and results["meta"]["pool"] == "region_corr"
+  assert results["meta"]["subjects"] == 48 and results["meta"]["pool"] == config.pool
   assert results["meta"]["synthetic_preset"] == "realistic"
   # Every feature set on the same splits; differences paired over them.
   names = {k: [s["split"] for s in v["kfold"]] for k, v in results["splits"].items()}
@@ -77,7 +77,7 @@ def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_
   encoder = results["features"]["encoder"]["kfold"]["roc_auc"]["mean"]
   assert abs(encoder - results["features"]["encoder_jax"]["kfold"]["roc_auc"]["mean"]) < 0.15
   table = (tmp_path / "probe_table.md").read_text()
-  assert "| encoder (region_std) | kfold |" in table and "| fc | loso |" in table
+  assert f"| encoder ({config.pool}) | kfold |" in table and "| fc | loso |" in table
   assert "(reference)" in table and "±" in table
   predictions = (tmp_path / "probe_predictions.csv").read_text()
   assert "region_stats,kfold," in predictions and "init,loso," in predictions
@@ -87,7 +87,8 @@ def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("pool", "max", "pool must be one of"), ("baselines", "fc,glm", "config.baselines")])
+    ("pool", "max", "pool must be one of"), ("baselines", "fc,glm", "config.baselines"),
+    ("stride", -1, "config.stride = -1 must be"), ("folds", 1, "config.folds = 1 must be")])
 def test_bad_pool_or_baseline_fails_before_work(tmp_path, field, value, message):
   config = load_config("probe", "test")
   config.update(checkpoint="/nowhere", **{field: value})
