@@ -116,14 +116,16 @@ def markdown_table(results: dict, labels: Mapping[str, str] | None = None) -> st
   """One row per feature set and scheme; the reference's differences to the others."""
   labels = labels or {}
   reference = results.get("reference", "encoder")
-  names = list(METRIC_NAMES.values())
-  lines = [f"| features | scheme | {' | '.join(names)} | {reference} - these: balanced acc. "
-           "(95% CI) | AUC (95% CI) |", "|" + "---|" * (4 + len(names))]
+  paired = bool(results.get("differences"))
+  names = list(METRIC_NAMES.values()) + ([f"{reference} - these: balanced acc. (95% CI)",
+                                          "AUC (95% CI)"] if paired else [])
+  lines = [f"| features | scheme | {' | '.join(names)} |", "|" + "---|" * (2 + len(names))]
   for key, by_scheme in results["features"].items():
     for scheme, summary in by_scheme.items():
       diff = results.get("differences", {}).get(key, {}).get(scheme)
-      extra = ([_difference(diff["balanced_accuracy"]), _difference(diff["roc_auc"])] if diff
-               else ["(reference)" if key == reference else "", ""])
+      extra = ([] if not paired else
+               [_difference(diff["balanced_accuracy"]), _difference(diff["roc_auc"])] if diff
+               else ["(reference)" if key == reference else "–", "–"])
       cells = [_cell(summary[m]) for m in METRIC_NAMES]
       lines.append(f"| {labels.get(key, key)} | {scheme} | " + " | ".join(cells + extra) + " |")
   return "\n".join(lines) + "\n"
