@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import config_lib
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
@@ -38,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default="", choices=["", *model_lib.DTYPES],
                       help="compute dtype (default: the config's)")
   parser.add_argument("--strategy", default="", help="mask strategy (default: the config's)")
-  parser.add_argument("--attention", default="", choices=["", "xla", "cudnn"],
-                      help="dot_product_attention implementation (cudnn: GPU, bf16)")
+  parser.add_argument("--attention", default="", choices=["", *attention_lib.IMPLEMENTATIONS],
+                      help="attention kernel (default: the config's; see roi_mae_jax.attention)")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
 
