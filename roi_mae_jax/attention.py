@@ -6,6 +6,9 @@ q, k, v are (batch, tokens, heads, head_dim); `key_valid` (B, T) bool says which
 tokens may be attended to (reconstruction by region hides some). Kernels:
 
   reference  two einsums and a float32 softmax; materialises (B, H, T, T)
+  dense      the same, with a hand-written backward: fewer passes over the
+             (B, H, T, T) logits (on a CPU the softmax passes cost as much as
+             the matmuls)
   xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
   cudnn      cuDNN's fused kernel (GPU, bfloat16/float16)
   pallas     the Pallas flash-attention kernel (TPU)
@@ -31,7 +34,7 @@ from absl import logging
 
 from roi_mae_jax import errors
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "pallas", "chunked")
+IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
 # `auto` materialises the logits only while one layer's (B, H, T, T) float32
 # logits stay under this; beyond, it takes a memory-efficient kernel.
 AUTO_DENSE_LIMIT_BYTES = 256 * 2**20
@@ -48,7 +51,7 @@ def check_implementation(name: str) -> None:
 def choose(implementation: str, backend: str, dtype, batch: int, tokens: int, heads: int) -> str:
   """The kernel that `implementation` means here; `auto` decides by backend and size.
 
-      choose("auto", "cpu", jnp.float32, 2, 1200, 6)     # 'reference' (small: fastest)
+      choose("auto", "cpu", jnp.float32, 2, 1200, 6)     # 'dense' (small: fastest)
       choose("auto", "cpu", jnp.bfloat16, 1, 28480, 8)   # 'chunked'
       choose("auto", "gpu", jnp.bfloat16, 1, 28480, 8)   # 'cudnn'
   """
@@ -62,7 +65,7 @@ def choose(implementation: str, backend: str, dtype, batch: int, tokens: int, he
     return "pallas"
   if batch * heads * tokens * tokens * 4 > AUTO_DENSE_LIMIT_BYTES:
     return "chunked"
-  return "reference"
+  return "dense"
 
 
 def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int = 512):
@@ -77,6 +80,8 @@ def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int 
                    q.shape[2], q.dtype, jax.default_backend())
   if kind == "reference":
     return reference(q, k, v, key_valid)
+  if kind == "dense":
+    return dense(q, k, v, key_valid)
   if kind == "chunked":
     return chunked(q, k, v, key_valid, block=block)
   if kind == "xla" or kind == "cudnn":
@@ -97,6 +102,62 @@ def reference(q, k, v, key_valid=None):
     logits = jnp.where(key_valid[:, None, None, :], logits, _MASKED)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def dense(q, k, v, key_valid=None):
+  """`reference` in values and gradients, with fewer passes over the logits: the
+  softmax normalisation is applied to the (T, D) output, not the (T, T) weights,
+  and the backward takes the softmax row term from dO . O (as FlashAttention)."""
+  return _dense(q, k, v, None if key_valid is None else key_valid.astype(bool))
+
+
+def _dense_forward(q, k, v, valid):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if valid is not None:  # (no mask: no pass over the logits for it)
+    s = jnp.where(valid[:, None, None, :], s, _MASKED)
+  p = jnp.exp(s - s.max(-1, keepdims=True))  # unnormalised weights
+  l = p.sum(-1)  # (B, H, T)
+  p = p.astype(v.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32)
+  out = out / jnp.einsum("bhq->bqh", l)[..., None]
+  return out.astype(q.dtype), p, l
+
+
+@jax.custom_vjp
+def _dense(q, k, v, valid):
+  return _dense_forward(q, k, v, valid)[0]
+
+
+def _dense_fwd(q, k, v, valid):
+  out, p, l = _dense_forward(q, k, v, valid)
+  return out, (q, k, v, valid, out, p, l)
+
+
+def _dense_bwd(residuals, d_out):
+  q, k, v, valid, out, p, l = residuals
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  inv_l = jnp.einsum("bhq->bqh", 1.0 / l)[..., None]  # (B, T, H, 1)
+  dv = _left_transposed(p, (d_out * inv_l).astype(p.dtype))
+  dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  # dS = P (dP - delta), P = p / l; hidden keys' logits are constants (no gradient).
+  ds = p * ((dp - delta[..., None]) * (scale / l)[..., None])
+  if valid is not None:
+    ds = jnp.where(valid[:, None, None, :], ds, 0.0)
+  ds = ds.astype(q.dtype)
+  dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, preferred_element_type=jnp.float32)
+  dk = _left_transposed(ds, q)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+def _left_transposed(w, x):
+  """(B, H, Q, K) x (B, Q, H, D) -> (B, K, H, D) float32, summing over Q: as
+  (x^T w)^T, so that XLA's CPU backend transposes x, not the (Q, K) weights."""
+  return jnp.einsum("bqhd,bhqk->bkhd", x, w, preferred_element_type=jnp.float32)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def pallas_flash(q, k, v, key_valid=None):

@@ -46,6 +46,19 @@ def test_chunked_equals_reference_in_values_and_gradients(tokens, block, masked)
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_equals_reference_in_values_and_gradients(masked):
+  q, k, v, cotangent = _qkv(29, seed=3)
+  valid = _key_valid(29) if masked else None
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, valid) * cotangent)
+  np.testing.assert_allclose(attention.dense(q, k, v, valid),
+                             attention.reference(q, k, v, valid), atol=1e-5, rtol=0)
+  want = jax.grad(loss(attention.reference), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(attention.dense), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
 def test_chunked_bfloat16_stays_close_to_float32():
   q, k, v, _ = _qkv(40)
   valid = _key_valid(40, hide_all_in_row=False)
@@ -67,7 +80,7 @@ def test_reference_equals_jax_dot_product_attention_with_a_key_mask():
 
 def test_auto_chooses_by_backend_dtype_and_size():
   f32, bf16 = jnp.float32, jnp.bfloat16
-  assert attention.choose("auto", "cpu", f32, 2, 1200, 6) == "reference"
+  assert attention.choose("auto", "cpu", f32, 2, 1200, 6) == "dense"
   assert attention.choose("auto", "cpu", bf16, 1, 28480, 8) == "chunked"
   assert attention.choose("auto", "gpu", bf16, 1, 28480, 8) == "cudnn"
   assert attention.choose("auto", "gpu", f32, 1, 28480, 8) == "chunked"
