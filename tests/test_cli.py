@@ -93,11 +93,13 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
   code = bench_main.main(["train", f"--config={config}", "--size=tiny", "--steps=1",
-                          "--peak_size=256", f"--json={out}"])
+                          "--peak_size=256", "--vs_dtype=bfloat16", f"--json={out}"])
   assert code == 0
   printed = capsys.readouterr().out
-  assert "MFU" in printed and "tokens/s" in printed
+  assert "MFU" in printed and "tokens/s" in printed and "host peak RSS" in printed
   figures = json.loads(out.read_text())["train"]
+  assert figures["vs_dtype"]["dtype"] == "bfloat16" and figures["vs_dtype"]["step_s"] > 0
+  assert figures["host_peak_rss_mib"] > 0
   assert 0 < figures["mfu"] and figures["step_s"] > 0
   # The analytic count (matmuls only) is close to, and below, XLA's full count.
   assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 1.0

@@ -129,6 +129,8 @@ def run(args) -> dict:
       bench_masks.time_batches(sampler, config.batch_size, args.mask_repeats)))
   figures["mask_sampling_share"] = figures["mask_sampling_s"] / step_s
   figures["loss"] = float(metrics["loss"])
+  if args.vs_dtype:
+    figures["vs_dtype"] = bench_train.versus_dtype(config, args, [compiled, state, batch])
 
   stats = jax.devices()[0].memory_stats() or {}
   figures["device_peak_bytes"] = stats.get("peak_bytes_in_use")
