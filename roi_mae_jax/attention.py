@@ -104,6 +104,15 @@ def reference(q, k, v, key_valid=None):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def _dot(equation: str, a, b):
+  """einsum accumulated and returned in float32. XLA's CPU runtime has no
+  bfloat16 x bfloat16 -> float32 matmul (its bfloat16 matmuls convert to
+  float32 inside anyway), so there the operands are converted first."""
+  if jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
 def dense(q, k, v, key_valid=None):
   """`reference` in values and gradients, with fewer passes over the logits: the
   softmax normalisation is applied to the (T, D) output, not the (T, T) weights,
@@ -113,13 +122,13 @@ def dense(q, k, v, key_valid=None):
 
 def _dense_forward(q, k, v, valid):
   scale = 1.0 / math.sqrt(q.shape[-1])
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  s = _dot("bqhd,bkhd->bhqk", q, k) * scale
   if valid is not None:  # (no mask: no pass over the logits for it)
     s = jnp.where(valid[:, None, None, :], s, _MASKED)
   p = jnp.exp(s - s.max(-1, keepdims=True))  # unnormalised weights
   l = p.sum(-1)  # (B, H, T)
   p = p.astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32)
+  out = _dot("bhqk,bkhd->bqhd", p, v)
   out = out / jnp.einsum("bhq->bqh", l)[..., None]
   return out.astype(q.dtype), p, l
 
@@ -139,14 +148,14 @@ def _dense_bwd(residuals, d_out):
   scale = 1.0 / math.sqrt(q.shape[-1])
   inv_l = jnp.einsum("bhq->bqh", 1.0 / l)[..., None]  # (B, T, H, 1)
   dv = _left_transposed(p, (d_out * inv_l).astype(p.dtype))
-  dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  dp = _dot("bqhd,bkhd->bhqk", d_out, v)
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   # dS = P (dP - delta), P = p / l; hidden keys' logits are constants (no gradient).
   ds = p * ((dp - delta[..., None]) * (scale / l)[..., None])
   if valid is not None:
     ds = jnp.where(valid[:, None, None, :], ds, 0.0)
   ds = ds.astype(q.dtype)
-  dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, preferred_element_type=jnp.float32)
+  dq = _dot("bhqk,bkhd->bqhd", ds, k)
   dk = _left_transposed(ds, q)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -154,7 +163,7 @@ def _dense_bwd(residuals, d_out):
 def _left_transposed(w, x):
   """(B, H, Q, K) x (B, Q, H, D) -> (B, K, H, D) float32, summing over Q: as
   (x^T w)^T, so that XLA's CPU backend transposes x, not the (Q, K) weights."""
-  return jnp.einsum("bqhd,bhqk->bkhd", x, w, preferred_element_type=jnp.float32)
+  return _dot("bqhd,bhqk->bkhd", x, w)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -218,7 +227,7 @@ def _unblocks(x):
 def _tile_logits(q_blk, k_blk, bias_blk):
   """(B, bq, H, D) x (B, bk, H, D) -> (B, H, bq, bk) float32 scaled, masked logits."""
   scale = 1.0 / math.sqrt(q_blk.shape[-1])
-  s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+  s = _dot("bqhd,bkhd->bhqk", q_blk, k_blk)
   return s * scale + bias_blk[:, None, None, :]
 
 
@@ -242,8 +251,8 @@ def _forward(q, k, v, key_bias, block):
       p = jnp.exp(s - m_new[..., None])
       rescale = jnp.exp(m - m_new)
       l = l * rescale + p.sum(-1)
-      acc = acc * rescale[..., None] + jnp.einsum(
-          "bhqk,bkhd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+      acc = acc * rescale[..., None] + _dot(
+          "bhqk,bkhd->bhqd", p.astype(v_blk.dtype), v_blk)
       return (m_new, l, acc), None
 
     init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
@@ -284,14 +293,13 @@ def _chunked_bwd(block, residuals, d_out):
       q_blk, do_blk, stats_blk, delta_blk = qs
       m, l = stats_blk[0][..., None], stats_blk[1][..., None]
       p = jnp.exp(_tile_logits(q_blk, k_blk, b_blk) - m) / l  # (B, H, bq, bk)
-      dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(do_blk.dtype), do_blk,
-                           preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bqhd,bkhd->bhqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(do_blk.dtype), do_blk)
+      dp = _dot("bqhd,bkhd->bhqk", do_blk, v_blk)
       ds = p * (dp - delta_blk[..., None]) * scale
       # Hidden keys' logits are constants: no gradient reaches q or k through them.
       ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(q.dtype)
-      dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, q_blk, preferred_element_type=jnp.float32)
-      dq_blk = jnp.einsum("bhqk,bkhd->bqhd", ds, k_blk, preferred_element_type=jnp.float32)
+      dk = dk + _dot("bhqk,bqhd->bkhd", ds, q_blk)
+      dq_blk = _dot("bhqk,bkhd->bqhd", ds, k_blk)
       return (dk, dv), dq_blk
 
     zeros = jnp.zeros(k_blk.shape, jnp.float32)

@@ -69,6 +69,15 @@ def test_chunked_bfloat16_stays_close_to_float32():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "chunked"])
+def test_bfloat16_gradients_run_at_a_demo_size(kernel):
+  # XLA's CPU runtime has no bfloat16 x bfloat16 -> float32 matmul at this size.
+  q, k, v, _ = _qkv(656, batch=2, heads=6, head_dim=64, dtype=jnp.bfloat16)
+  fn = lambda q: attention.attend(q, k, v, implementation=kernel, block=256)
+  grad = jax.jit(jax.grad(lambda q: fn(q).astype(jnp.float32).sum()))(q)
+  assert grad.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grad)))
+
+
 def test_reference_equals_jax_dot_product_attention_with_a_key_mask():
   q, k, v, _ = _qkv(12)
   valid = _key_valid(12, hide_all_in_row=False)
