@@ -7,7 +7,8 @@ r"""Region-aware (AAL3 `roi` masking) pretraining of the 4D masked autoencoder.
 The default trains on the built-in synthetic resting-state data (no files
 needed) on a 4 mm grid, sized to finish in a few minutes on a laptop CPU.
 `:adhd200` is the paper's scale (96^3 at 2 mm, 20 frames, 6^3-voxel patches,
-base model, bf16) for accelerators; `:test` is a seconds-long setting for tests.
+base model, bf16, memory-efficient attention, remat, scanned layers) for
+accelerators; `:test` is a seconds-long setting for tests.
 Any field can be overridden, e.g. `--config.mask.ratio=0.75`.
 """
 
@@ -58,6 +59,12 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
     config.patches.frames = 1
     config.model = model_lib.model_config("base")
     config.model.dtype = "bfloat16"
+    # 28,480 tokens per window: never materialise their attention logits (auto:
+    # cuDNN on GPUs, the Pallas kernel on TPUs, `chunked` elsewhere); recompute
+    # each block in backward, scan the layers, run the MLP 4,096 tokens at a time.
+    config.model.remat = "block"
+    config.model.scan = True
+    config.model.mlp_chunk = 4096
     config.batch_size = 32
     config.total_steps = 20_000
     config.optim.learning_rate = 1.5e-4

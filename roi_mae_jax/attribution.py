@@ -17,7 +17,8 @@ Writes to WORKDIR:
                             scores (mean |IG| per voxel over all subjects = the main score,
                             sums, signed and absolute per class); ranked, regions under
                             `min_region_voxels` voxels last and unranked
-  attribution_groups.csv    the same by hemisphere and by system (voxel-weighted)
+  attribution_groups.csv    the same by hemisphere and by system (voxel-weighted); groups
+                            under `min_region_voxels` voxels last, as regions
   attribution_map.nii.gz    on the data grid with its MNI affine; volumes: mean |IG|,
                             signed mean of ADHD subjects, signed mean of controls, and
                             the class contrast |ADHD - control|
@@ -144,8 +145,9 @@ def region_rows(maps: dict, on_grid, min_voxels: int = 0) -> list[dict]:
   return rows
 
 
-def group_rows(rows: list[dict]) -> list[dict]:
-  """Regions pooled by hemisphere and by system (voxel-weighted), by contrast per level."""
+def group_rows(rows: list[dict], min_voxels: int) -> list[dict]:
+  """Regions pooled by hemisphere and by system (voxel-weighted), by contrast per level;
+  a group under `min_voxels` voxels goes last (its contrast is noise, as a region's)."""
   out = []
   for level in ("hemisphere", "system"):
     groups = []
@@ -158,7 +160,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
       groups.append({"level": level, "name": name, "regions": len(members), "voxels": voxels,
                      "contrast": abs(difference) / voxels, "abs_sum": total,
                      "abs_mean": total / voxels})
-    out += sorted(groups, key=lambda g: -g["contrast"])
+    out += sorted(groups, key=lambda g: (g["voxels"] < min_voxels, -g["contrast"]))
   return out
 
 
@@ -238,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   shards.write_table(paths["attribution_regions.csv"], columns, rows)
   shards.write_table(paths["attribution_groups.csv"],
                      ("level", "name", "regions", "voxels", "contrast", "abs_sum", "abs_mean"),
-                     group_rows(rows))
+                     group_rows(rows, int(config.min_region_voxels)))
   contrast = np.abs(maps["signed_adhd"] - maps["signed_control"])
   volume = np.stack([maps[m] for m in MAPS[:3]] + [contrast], axis=-1).astype(np.float32)
   image = nib.Nifti1Image(volume, on_grid.grid.affine)

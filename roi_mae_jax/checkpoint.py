@@ -180,7 +180,17 @@ class Checkpointer:
     if has_data:
       self._check_process_count(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      where = str(e).splitlines()[1].rstrip(":") if "\n" in str(e) else ""
+      raise errors.InputError(
+          f"the checkpoint of step {step} in {self.directory} is laid out differently from "
+          f"this model (first difference: {where}); restore it with the model settings it "
+          "was written with (model.size, model.scan: scanned layers stack each block's "
+          "parameters)") from None
     return _data_to_keys(restored["state"], abstract_state), has_data
 
   def set_aside_rejected(self) -> list[str]:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import errors
 from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
@@ -36,6 +37,12 @@ SIZES = {
     "base": (768, 12, 12, 512, 4, 8),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.remat -> what a block keeps for the backward pass (None: everything).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,   # only the block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + weight matmuls
+}
 
 
 def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
@@ -47,8 +54,37 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       "region_embedding": True,    # add a learned code of the token's AAL3 region
       "norm_target": False,        # MAE's per-patch normalised target
       "dtype": "float32",          # compute dtype; parameters stay float32
-      "attention": "",             # jax.nn.dot_product_attention implementation
+      "attention": "auto",         # attention.IMPLEMENTATIONS; auto: by backend and size
+      "attention_block": 512,      # tokens per query / key tile of `chunked`
+      "remat": "none",             # REMAT_POLICIES: recompute activations in backward
+      "scan": False,               # encoder and decoder as a scan over stacked layers
+      "mlp_chunk": 0,              # >0: the MLP runs over this many tokens at a time,
+                                   # each chunk recomputed in backward
   })
+
+
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+  """Raises InputError naming the first bad `config.model` value."""
+  if config.size not in SIZES:
+    raise errors.InputError(f"model.size must be one of {', '.join(SIZES)}, got {config.size!r}")
+  if config.dtype not in DTYPES:
+    raise errors.InputError(f"model.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+  attention_lib.check_implementation(_attention(config))
+  if int(config.get("attention_block", 512)) < 1:
+    raise errors.InputError(
+        f"model.attention_block must be a positive token count, got {config.attention_block}")
+  if config.get("remat", "none") not in REMAT_POLICIES:
+    raise errors.InputError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got "
+                            f"{config.remat!r}")
+  if int(config.get("mlp_chunk", 0)) < 0:
+    raise errors.InputError(f"model.mlp_chunk must be 0 (off) or a token count, got "
+                            f"{config.mlp_chunk}")
+  if not isinstance(config.get("scan", False), bool):
+    raise errors.InputError(f"model.scan must be True or False, got {config.scan!r}")
+
+
+def _attention(config) -> str:
+  return config.get("attention", "auto") or "auto"  # '' in configs written before 'auto'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: static under jit
@@ -97,10 +133,13 @@ class TokenSpec:
                                  self.patch_size, self.patch_frames)
 
 
-def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None) -> nnx.Param:
-  """A float32 parameter with logical axis names; lecun-normal unless `scale`."""
+def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
+           fan_in_axes: int = 1) -> nnx.Param:
+  """A float32 parameter with logical axis names; lecun-normal over the first
+  `fan_in_axes` axes as the fan-in, unless `scale` (normal of that std)."""
   init = (nnx.initializers.normal(scale) if scale is not None
-          else nnx.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, len(shape)))))
+          else nnx.initializers.lecun_normal(in_axis=tuple(range(fan_in_axes)),
+                                             out_axis=tuple(range(fan_in_axes, len(shape)))))
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
@@ -116,68 +155,101 @@ def _norm(rngs, width) -> nnx.LayerNorm:
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)))
 
 
-def _einsum_attention(q, k, v, mask=None):
-  """Softmax attention as two einsums: on XLA's CPU backend ~1.4x faster than
-  `jax.nn.dot_product_attention`, which is kept for GPUs (cuDNN) and TPUs."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = logits.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, -1e30)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 class Attention(nnx.Module):
-  """Multi-head self-attention via `jax.nn.dot_product_attention` (cuDNN on GPU)."""
+  """Multi-head self-attention; the kernel is chosen by `attention.attend`."""
 
-  def __init__(self, width: int, heads: int, dtype, implementation: str | None,
+  def __init__(self, width: int, heads: int, dtype, implementation: str, block: int,
                rngs: nnx.Rngs):
     if width % heads:
       raise errors.InputError(f"model width {width} is not divisible by {heads} heads")
     head_dim = width // heads
     self.qkv = _param(rngs, (width, 3, heads, head_dim), ("embed", None, "heads", "kv"))
-    self.out = _param(rngs, (heads, head_dim, width), ("heads", "kv", "embed"))
+    # Every output sums over heads x head_dim inputs: that is its fan-in.
+    self.out = _param(rngs, (heads, head_dim, width), ("heads", "kv", "embed"), fan_in_axes=2)
     self.dtype = dtype
-    self.implementation = implementation or None
+    self.implementation = implementation
+    self.block = block
 
   def __call__(self, x, key_valid=None):
     """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to."""
     qkv = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(self.dtype))
-    mask = None if key_valid is None else key_valid[:, None, None, :]
-    if self.implementation is None and jax.default_backend() == "cpu":
-      y = _einsum_attention(qkv[0], qkv[1], qkv[2], mask)
-    else:
-      y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], mask=mask,
-                                       implementation=self.implementation)
+    y = attention_lib.attend(qkv[0], qkv[1], qkv[2], key_valid,
+                             implementation=self.implementation, block=self.block)
     return jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block."""
 
-  def __init__(self, width: int, heads: int, mlp_ratio: int, dtype, attention: str,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, heads: int, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    dtype = DTYPES[config.dtype]
     self.norm1 = _norm(rngs, width)
-    self.attn = Attention(width, heads, dtype, attention, rngs)
+    self.attn = Attention(width, heads, dtype, _attention(config),
+                          int(config.get("attention_block", 512)), rngs)
     self.norm2 = _norm(rngs, width)
-    self.up = _dense(rngs, width, width * mlp_ratio, ("embed", "mlp"), dtype)
-    self.down = _dense(rngs, width * mlp_ratio, width, ("mlp", "embed"), dtype)
+    self.up = _dense(rngs, width, width * config.mlp_ratio, ("embed", "mlp"), dtype)
+    self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype)
     self.dtype = dtype
+    self.mlp_chunk = int(config.get("mlp_chunk", 0))
 
   def __call__(self, x, key_valid=None):
     x = x + self.attn(self.norm1(x).astype(self.dtype), key_valid)
-    h = self.up(self.norm2(x).astype(self.dtype))
-    return x + self.down(jax.nn.gelu(h))
+    mlp = lambda h: self.down(jax.nn.gelu(self.up(h)))
+    return x + _over_token_chunks(mlp, self.norm2(x).astype(self.dtype), self.mlp_chunk)
+
+
+def _over_token_chunks(fn, x, chunk: int):
+  """fn (token-wise) over x (B, T, ...) in chunks of `chunk` tokens, each recomputed
+  in backward: the backward pass then holds one chunk's hidden units (and, on
+  CPUs, the float32 copies of a bfloat16 matmul's operands), not T's."""
+  b, t = x.shape[:2]
+  if not chunk or t <= chunk:
+    return fn(x)
+  pad = -t % chunk
+  x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  chunks = jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+  out = jax.lax.map(jax.checkpoint(fn), chunks)
+  return jnp.moveaxis(out, 0, 1).reshape(b, t + pad, *out.shape[3:])[:, :t]
 
 
 class Stack(nnx.Module):
-  def __init__(self, depth: int, *args, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Block(*args, rngs=rngs) for _ in range(depth)])
+  """`depth` blocks, unrolled or (config.scan) one block's code scanned over
+  parameters stacked on a leading 'layers' axis, so compile time does not grow
+  with depth; config.remat recomputes each block's activations in backward."""
+
+  def __init__(self, depth: int, width: int, heads: int, config: ml_collections.ConfigDict, *,
+               rngs: nnx.Rngs):
+    self.scan = bool(config.get("scan", False))
+    self.remat = config.get("remat", "none")
+    if self.scan:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked(rngs):
+        return Block(width, heads, config, rngs)
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([Block(width, heads, config, rngs) for _ in range(depth)])
 
   def __call__(self, x, key_valid=None):
-    for block in self.blocks:
-      x = block(x, key_valid)
-    return x
+    dtype = x.dtype
+
+    def run(block, h):  # h may be carried wider than the blocks compute (see below)
+      return block(h.astype(dtype), key_valid).astype(h.dtype)
+    if self.remat != "none":
+      # Inside a scan, CSE across iterations cannot happen: no need to prevent it.
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    if not self.scan:
+      for block in self.blocks:
+        x = run(block, x)
+      return x
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def layers(block, h):
+      return run(block, h)
+    # The carry (each layer's saved input) is float32 holding bfloat16 values
+    # exactly: XLA's CPU backend stacks and slices bfloat16 through float32 and
+    # hoisted a float32 copy of the whole stack beside the bfloat16 one.
+    return layers(self.blocks, x.astype(jnp.float32)).astype(dtype)
 
 
 class Positions(nnx.Module):
@@ -221,10 +293,7 @@ class MaskedAutoencoder(nnx.Module):
       self._build(spec, config, rngs)
 
   def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    if config.size not in SIZES:
-      raise errors.InputError(f"model.size must be one of {', '.join(SIZES)}, got {config.size!r}")
-    if config.dtype not in DTYPES:
-      raise errors.InputError(f"model.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    check_model_config(config)
     width, depth, heads, d_width, d_depth, d_heads = SIZES[config.size]
     dtype = DTYPES[config.dtype]
     self.spec = spec
@@ -234,13 +303,12 @@ class MaskedAutoencoder(nnx.Module):
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
                    if config.region_embedding else None)
-    self.encoder = Stack(depth, width, heads, config.mlp_ratio, dtype, config.attention, rngs=rngs)
+    self.encoder = Stack(depth, width, heads, config, rngs=rngs)
     self.encoder_norm = _norm(rngs, width)
     self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
-    self.decoder = Stack(d_depth, d_width, d_heads, config.mlp_ratio, dtype, config.attention,
-                         rngs=rngs)
+    self.decoder = Stack(d_depth, d_width, d_heads, config, rngs=rngs)
     self.decoder_norm = _norm(rngs, d_width)
     self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype)
 
@@ -299,6 +367,38 @@ class MaskedAutoencoder(nnx.Module):
     loss = weighted_mean(token_error, masks.mask, token_weight)
     return {"loss": loss, "tokens": tokens, "encoded": encoded,
             "prediction": prediction, "mask": masks.mask, "token_error": token_error}
+
+
+def stack_layers(tree: Any) -> Any:
+  """A state laid out for `model.scan=False` (blocks {0: ..., 1: ...}) -> the
+  `model.scan=True` layout (one block whose arrays gain a leading layer axis).
+
+  Works on any nested dict holding parameter-shaped trees (params, AdamW moments):
+
+      scanned_params = stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  """
+  if not isinstance(tree, dict):
+    return tree
+  out = {key: stack_layers(value) for key, value in tree.items()}
+  blocks = out.get("blocks")
+  if isinstance(blocks, dict) and blocks and all(isinstance(k, int) for k in blocks):
+    out["blocks"] = jax.tree.map(lambda *layers: jnp.stack(layers),
+                                 *(blocks[i] for i in sorted(blocks)))
+  return out
+
+
+def unstack_layers(tree: Any, depths: dict[str, int]) -> Any:
+  """The inverse of `stack_layers`; `depths` maps a stack's name ('encoder',
+  'decoder') to its number of blocks."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key in depths and isinstance(value, dict) and "blocks" in value:
+      value = dict(value, blocks={i: jax.tree.map(lambda x, i=i: x[i], value["blocks"])
+                                  for i in range(depths[key])})
+    out[key] = unstack_layers(value, depths)
+  return out
 
 
 def weighted_mean(token_error, mask, token_weight=None):

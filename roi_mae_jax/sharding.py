@@ -31,6 +31,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "heads": "tensor",
     "kv": None,
+    "layers": None,  # the stacked-layer axis of scanned blocks
 }
 
 

@@ -93,11 +93,13 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
   code = bench_main.main(["train", f"--config={config}", "--size=tiny", "--steps=1",
-                          "--peak_size=256", f"--json={out}"])
+                          "--peak_size=256", "--vs_dtype=bfloat16", f"--json={out}"])
   assert code == 0
   printed = capsys.readouterr().out
-  assert "MFU" in printed and "tokens/s" in printed
+  assert "MFU" in printed and "tokens/s" in printed and "host peak RSS" in printed
   figures = json.loads(out.read_text())["train"]
+  assert figures["vs_dtype"]["dtype"] == "bfloat16" and figures["vs_dtype"]["step_s"] > 0
+  assert figures["host_peak_rss_mib"] > 0
   assert 0 < figures["mfu"] and figures["step_s"] > 0
   # The analytic count (matmuls only) is close to, and below, XLA's full count.
   assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 1.0
@@ -124,7 +126,7 @@ def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
   code = bench_main.main([f"--config={config}", "--size=tiny", "--steps=2", "--peak_size=256",
-                          "--mask_repeats=2", f"--json={out}"])
+                          "--mask_repeats=2", "--memory_config=", f"--json={out}"])
   assert code == 0
   printed = capsys.readouterr().out
   for line in ("step time", "tokens/s", "MFU", "mask sampling", "waiting for data",
@@ -135,6 +137,24 @@ def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
   assert 0 < figures["mask_sampling_share"] < 1 and 0 <= figures["data_wait_share"] < 1
   assert figures["tokens_saved"] == pytest.approx(1 - figures["tokens_brain"] / figures["tokens_box"])
   assert figures["step_memory_bytes"] > 0 and figures["host_peak_rss_mib"] > 0
+
+
+def test_bench_memory_prints_memory_per_window_and_largest_batches(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
+  code = bench_main.main(["memory", f"--memory_config={config}",
+                          "--memory_attention=reference,cudnn", "--memory_remat=block",
+                          f"--json={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "per window" in printed and "n/a (needs gpu)" in printed and "scanned layers" in printed
+  figures = json.loads(out.read_text())["memory"]
+  row = figures["rows"]["reference/block"]
+  assert row["window_bytes"] > 0 and row["fixed_bytes"] > 0
+  assert row["step_bytes_2"] == row["fixed_bytes"] + 2 * row["window_bytes"]
+  assert row["largest_batch"]["80 GiB (H100)"] > row["largest_batch"]["16 GiB (TPU v5e)"] > 0
+  assert figures["rows"]["cudnn/block"] == {"error": "needs gpu"}
+  assert set(figures["compile_s"]) == {"unrolled", "scan"}
 
 
 def test_largest_batch_search_and_the_compiled_memory_it_uses(monkeypatch):

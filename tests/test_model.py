@@ -117,6 +117,12 @@ def test_bad_model_settings_are_input_errors(setting):
     _model(spec, size="huge")
   with pytest.raises(ValueError, match="pos_embedding"):
     _model(spec, pos_embedding="rope")
+  with pytest.raises(ValueError, match="model.remat"):
+    _model(spec, remat="everything")
+  with pytest.raises(ValueError, match="model.attention must"):
+    _model(spec, attention="flash")
+  with pytest.raises(ValueError, match="model.attention_block"):
+    _model(spec, attention_block=0)
 
 
 def test_sincos_codes_are_distinct_per_patch(setting):
@@ -127,7 +133,69 @@ def test_sincos_codes_are_distinct_per_patch(setting):
   assert len(np.unique(codes.round(5), axis=0)) == spec.num_patches
 
 
-def test_cpu_einsum_attention_matches_dot_product_attention():
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, 3, 16)) for i in range(3))
-  np.testing.assert_allclose(np.asarray(model_lib._einsum_attention(q, k, v)),
-                             np.asarray(jax.nn.dot_product_attention(q, k, v)), atol=2e-6)
+def test_attention_output_projection_fan_in_is_heads_times_head_dim(setting):
+  _, _, spec, _ = setting
+  model = _model(spec, size="small")
+  heads, head_dim, width = model.encoder.blocks[0].attn.out.shape
+  assert (heads, head_dim, width) == (6, 64, 384)
+  std = float(np.std(np.asarray(model.encoder.blocks[0].attn.out[...])))
+  # lecun-normal: std = 1 / sqrt(fan_in) = 0.051 (with fan-in `heads` it was 0.41).
+  np.testing.assert_allclose(std, 1 / np.sqrt(heads * head_dim), rtol=0.05)
+
+
+def _loss_and_grads(spec, sampler, params, **overrides):
+  model = _model(spec, **overrides)
+  graphdef = nnx.graphdef(model)
+  masks = sampler.sample_batch(jax.random.key(7), 2)
+  windows = _windows(spec)
+  valid = jax.random.bernoulli(jax.random.key(8), 0.8, masks.ids_keep.shape)
+
+  def loss(p):  # the step's loss, plus a region-style key mask through encode
+    m = nnx.merge(graphdef, p)
+    hidden = m.encode(spec.patchify(windows), masks.ids_keep, valid)
+    return m(windows, masks)["loss"] + jnp.mean(hidden ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def reference_step(setting):
+  _, _, spec, sampler = setting
+  params = nnx.to_pure_dict(nnx.state(_model(spec, attention="reference"), nnx.Param))
+  return params, _loss_and_grads(spec, sampler, params, attention="reference")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"remat": "block"}, {"remat": "dots"}, {"scan": True},
+    {"scan": True, "remat": "block", "mlp_chunk": 40},
+    {"attention": "chunked", "attention_block": 48},
+])
+def test_remat_scan_and_chunked_attention_keep_loss_and_gradients(setting, reference_step,
+                                                                  overrides):
+  _, _, spec, sampler = setting
+  params, (want_loss, want) = reference_step
+  scan = overrides.get("scan", False)
+  same = model_lib.stack_layers(params) if scan else params
+  loss, grads = _loss_and_grads(spec, sampler, same, **overrides)
+  if scan:
+    depths = {"encoder": model_lib.SIZES["tiny"][1], "decoder": model_lib.SIZES["tiny"][4]}
+    grads = model_lib.unstack_layers(grads, depths)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    w = want
+    for key in path:
+      w = w[key.key]
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_layers_stack_the_parameters_of_each_block(setting):
+  _, _, spec, _ = setting
+  plain = nnx.to_pure_dict(nnx.state(_model(spec), nnx.Param))
+  scanned = nnx.state(_model(spec, scan=True), nnx.Param)
+  depth = model_lib.SIZES["tiny"][1]
+  assert scanned["encoder"]["blocks"]["up"]["kernel"].shape == (depth, 64, 256)
+  spec_names = nnx.get_partition_spec(scanned)["encoder"]["blocks"]["up"]["kernel"].get_value()
+  assert tuple(spec_names) == ("layers", "embed", "mlp")
+  stacked = model_lib.stack_layers(plain)
+  assert jax.tree.structure(stacked) == jax.tree.structure(nnx.to_pure_dict(scanned))
+  back = model_lib.unstack_layers(stacked, {"encoder": depth, "decoder": 1})
+  assert jax.tree.structure(back) == jax.tree.structure(plain)

@@ -166,6 +166,21 @@ def test_checkpoints_round_trip_rng_keys_and_skip_cut_off_saves(tmp_path):
   assert restored["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
 
 
+def test_a_checkpoint_of_unrolled_layers_names_the_layout_when_restored_scanned(tmp_path):
+  config = load_config("pretrain_aal3", "test")
+  config.model.size = "tiny"
+  unrolled, _ = _setup(config, jax.devices()[:1])
+  config.model.scan = True
+  scanned, _ = _setup(config, jax.devices()[:1])
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, unrolled.init())
+  restored, _ = ckpt.restore(unrolled.abstract_state)  # the same layout loads
+  assert restored["params"]["encoder"]["blocks"][1]["up"]["kernel"].shape == (64, 256)
+  with pytest.raises(errors.InputError, match="laid out differently.*model.scan"):
+    ckpt.restore(scanned.abstract_state)
+  ckpt.close()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.optim.learning_rate = 1e30

@@ -6,6 +6,7 @@
     python -m roi_mae_jax.bench masks --json=out.json
     python -m roi_mae_jax.bench train              # step time, tokens/s, MFU
     python -m roi_mae_jax.bench data               # prepare and pipeline throughput
+    python -m roi_mae_jax.bench memory             # paper-scale step memory per window
 
 Each part prints a table of figures; none of it is a pass/fail test.
 """
@@ -18,8 +19,9 @@ import json
 import sys
 
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
-PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks", "train": "roi_mae_jax.bench.train",
-         "data": "roi_mae_jax.bench.data"}
+PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks",
+         "train": "roi_mae_jax.bench.train", "data": "roi_mae_jax.bench.data",
+         "memory": "roi_mae_jax.bench.memory"}
 
 
 def main(argv=None) -> int:

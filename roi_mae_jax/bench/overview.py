@@ -8,7 +8,8 @@ device) and waiting for data (next(iterator) plus the copy to devices),
 tokens saved by brain-only patches, and memory: XLA's per-device need of the compiled step,
 the device's peak where it reports one, and the host's peak RSS. With
 --max_batch on a device that reports its memory limit, also the largest batch
-per device whose compiled step fits.
+per device whose compiled step fits. Then the `memory` part (paper-scale step
+memory per window for each attention kernel x remat; see bench/memory.py).
 
     python -m roi_mae_jax.bench                        # = bench all: demo grid, small model
     python -m roi_mae_jax.bench all --json=bench.json
@@ -29,6 +30,7 @@ from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax import train
 from roi_mae_jax.bench import masks as bench_masks
+from roi_mae_jax.bench import memory as bench_memory
 from roi_mae_jax.data import sources
 from roi_mae_jax.bench import train as bench_train
 
@@ -40,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max_batch", action="store_true",
                       help="search the largest batch per device that fits (needs a device "
                            "that reports its memory limit, e.g. a GPU)")
+  bench_memory.add_arguments(parser)  # --memory_config='' skips that part
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int = 4096) -> int:
@@ -70,19 +73,8 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int = 4096) ->
 def step_memory(config, per_device_batch: int) -> int | None:
   """Bytes per device that the compiled step needs at this batch, or None when the
   compiler runs out of memory (compiled for shapes only: nothing is allocated)."""
-  trial = config.copy_and_resolve_references()
-  trial.batch_size = per_device_batch * jax.device_count()
-  setup, spec, _, _ = bench_train.build(trial)
-  state = jax.eval_shape(setup.init)
-  batch = {"windows": jax.ShapeDtypeStruct((trial.batch_size,) + spec.window_shape, np.float32,
-                                           sharding=sharding.batch_sharding(setup.mesh))}
-  try:
-    _, figures = bench_train.compile_step(setup, state, batch)
-  except Exception as e:  # pylint: disable=broad-except
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      return None
-    raise
-  return figures.get("step_memory_bytes")
+  figures = bench_memory.compiled_step(config, per_device_batch)
+  return None if figures is None else figures.get("step_memory_bytes")
 
 
 def fits_in(config, limit_bytes: int, headroom: float = 0.9) -> Callable[[int], bool]:
@@ -138,6 +130,8 @@ def run(args) -> dict:
       bench_masks.time_batches(sampler, config.batch_size, args.mask_repeats)))
   figures["mask_sampling_share"] = figures["mask_sampling_s"] / step_s
   figures["loss"] = float(metrics["loss"])
+  if args.vs_dtype:
+    figures["vs_dtype"] = bench_train.versus_dtype(config, args, [compiled, state, batch])
 
   stats = jax.devices()[0].memory_stats() or {}
   figures["device_peak_bytes"] = stats.get("peak_bytes_in_use")
@@ -152,6 +146,9 @@ def run(args) -> dict:
     else:
       print(f"largest batch: skipped, {figures['device']} reports no memory limit")
   _print(figures, config.model.dtype)
+  if args.memory_config:
+    print()
+    figures["memory"] = bench_memory.run(args)
   return figures
 
 

@@ -20,10 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import config_lib
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
@@ -38,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default="", choices=["", *model_lib.DTYPES],
                       help="compute dtype (default: the config's)")
   parser.add_argument("--strategy", default="", help="mask strategy (default: the config's)")
-  parser.add_argument("--attention", default="", choices=["", "xla", "cudnn"],
-                      help="dot_product_attention implementation (cudnn: GPU, bf16)")
+  parser.add_argument("--attention", default="", choices=["", *attention_lib.IMPLEMENTATIONS],
+                      help="attention kernel (default: the config's; see roi_mae_jax.attention)")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--vs_dtype", default="", choices=["", *model_lib.DTYPES],
+                      help="also time the step in this dtype, in turns with the first")
   parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
 
 
@@ -159,19 +163,9 @@ def run(args) -> dict:
   print(f"tokens per window: {spec.num_tokens} brain vs {box_tokens} in the box "
         f"({1 - spec.num_tokens / box_tokens:.1%} saved); encoder sees {sampler.num_keep}")
 
-  state = setup.init()
-  windows = np.random.default_rng(0).standard_normal(
-      (config.batch_size,) + spec.window_shape).astype(np.float32)
-  batch = sharding.global_batch({"windows": windows}, setup.mesh)
-  compiled, figures = compile_step(setup, state, batch)
-  state, metrics = compiled(state, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  compiled, state, batch, figures = _compiled(setup, spec, config.batch_size)
+  steps_run = [compiled, state, batch]
+  (times, metrics), = _time_steps([steps_run], args.steps)
   figures.update(speed_figures(config, spec, sampler, float(np.median(times)), setup.mesh.size,
                                args.peak_size))
   figures.update({"device": jax.devices()[0].device_kind, "devices": setup.mesh.size,
@@ -181,4 +175,50 @@ def run(args) -> dict:
   print(f"compile {figures['compile_s']:.1f} s; step {figures['step_s'] * 1e3:.1f} ms "
         f"(median of {args.steps})")
   print_speed(figures, config.model.dtype)
+  if args.vs_dtype:
+    figures["vs_dtype"] = versus_dtype(config, args, steps_run)
+  figures["host_peak_rss_mib"] = prepare.peak_rss_mib()
+  print(f"host peak RSS {figures['host_peak_rss_mib']:,.0f} MiB")
   return figures
+
+
+def _compiled(setup: train_step.TrainSetup, spec: model_lib.TokenSpec, batch_size: int):
+  """(compiled step, state, batch of random windows, compile figures), warmed up."""
+  state = setup.init()
+  windows = np.random.default_rng(0).standard_normal(
+      (batch_size,) + spec.window_shape).astype(np.float32)
+  batch = sharding.global_batch({"windows": windows}, setup.mesh)
+  compiled, figures = compile_step(setup, state, batch)
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  return compiled, state, batch, figures
+
+
+def _time_steps(runs: list[list], steps: int) -> list[tuple[list[float], dict]]:
+  """(seconds per step, last metrics) of each [compiled, state, batch], the runs
+  taking turns step by step so that a shared machine's load falls on all alike.
+  Each run's state is replaced by its new one (the old one was donated)."""
+  out = [([], None) for _ in runs]
+  for _ in range(steps):
+    for i, run in enumerate(runs):
+      start = time.perf_counter()
+      run[1], metrics = run[0](run[1], run[2])
+      jax.block_until_ready(metrics)
+      out[i][0].append(time.perf_counter() - start)
+      out[i] = (out[i][0], metrics)
+  return out
+
+
+def versus_dtype(config, args, run: list) -> dict:
+  """The step in `--vs_dtype` against this run's [compiled, state, batch] (its
+  state is replaced, see _time_steps), timed in turns."""
+  other = config.copy_and_resolve_references()
+  other.model.dtype = args.vs_dtype
+  setup, spec, _, _ = build(other)
+  compiled, state, batch, _ = _compiled(setup, spec, other.batch_size)
+  mine, theirs = (np.median(t) for t, _ in _time_steps([run, [compiled, state, batch]],
+                                                       args.steps))
+  print(f"{args.vs_dtype}: {theirs * 1e3:.1f} ms/step vs {config.model.dtype} "
+        f"{mine * 1e3:.1f} ms/step in turns ({mine / theirs:.2f}x as fast)")
+  return {"dtype": args.vs_dtype, "step_s": float(theirs), "this_dtype_step_s": float(mine),
+          "speedup": float(mine / theirs)}

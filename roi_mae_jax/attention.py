@@ -1,0 +1,317 @@
+"""Multi-head softmax attention behind one function, with a choice of kernels.
+
+    y = attention.attend(q, k, v, key_valid, implementation="auto")  # (B, T, H, D)
+
+q, k, v are (batch, tokens, heads, head_dim); `key_valid` (B, T) bool says which
+tokens may be attended to (reconstruction by region hides some). Kernels:
+
+  reference  two einsums and a float32 softmax; materialises (B, H, T, T)
+  dense      the same, with a hand-written backward: fewer passes over the
+             (B, H, T, T) logits (on a CPU the softmax passes cost as much as
+             the matmuls)
+  xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
+  cudnn      cuDNN's fused kernel (GPU, bfloat16/float16)
+  pallas     the Pallas flash-attention kernel (TPU)
+  chunked    blockwise online softmax over query and key blocks (Rabe and
+             Staats 2021, "Self-attention does not need O(n^2) memory") with a
+             flash-style backward: memory O(T x block) on every backend
+  auto       picks one by backend, dtype and size (`choose`), and logs it
+
+The chunked path keeps only the output and two float32 numbers per row (the
+running max and the softmax denominator) for the backward pass, which
+recomputes each tile's probabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from roi_mae_jax import errors
+
+IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
+# `auto` materialises the logits only while one layer's (B, H, T, T) float32
+# logits stay under this; beyond, it takes a memory-efficient kernel.
+AUTO_DENSE_LIMIT_BYTES = 256 * 2**20
+_MASKED = -1e30  # a hidden key: as the reference, a row hiding every key is uniform
+_logged: set = set()
+
+
+def check_implementation(name: str) -> None:
+  if name not in IMPLEMENTATIONS:
+    raise errors.InputError(
+        f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+
+
+def choose(implementation: str, backend: str, dtype, batch: int, tokens: int, heads: int) -> str:
+  """The kernel that `implementation` means here; `auto` decides by backend and size.
+
+      choose("auto", "cpu", jnp.float32, 2, 1200, 6)     # 'dense' (small: fastest)
+      choose("auto", "cpu", jnp.bfloat16, 1, 28480, 8)   # 'chunked'
+      choose("auto", "gpu", jnp.bfloat16, 1, 28480, 8)   # 'cudnn'
+  """
+  check_implementation(implementation)
+  if implementation != "auto":
+    return implementation
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend == "gpu" and half:
+    return "cudnn"  # fused and O(T) memory
+  if backend == "tpu" and tokens % 128 == 0 and tokens >= 128:
+    return "pallas"
+  if batch * heads * tokens * tokens * 4 > AUTO_DENSE_LIMIT_BYTES:
+    return "chunked"
+  return "dense"
+
+
+def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int = 512):
+  """Softmax(q k^T / sqrt(d)) v over (B, T, H, D) arrays; see the module docstring."""
+  kind = choose(implementation, jax.default_backend(), q.dtype, q.shape[0], k.shape[1],
+                q.shape[2])
+  if implementation == "auto":
+    key = (kind, q.shape, str(q.dtype))
+    if key not in _logged:  # once per shape, not per trace
+      _logged.add(key)
+      logging.info("attention auto: %s for %s tokens x %s heads (%s, %s)", kind, k.shape[1],
+                   q.shape[2], q.dtype, jax.default_backend())
+  if kind == "reference":
+    return reference(q, k, v, key_valid)
+  if kind == "dense":
+    return dense(q, k, v, key_valid)
+  if kind == "chunked":
+    return chunked(q, k, v, key_valid, block=block)
+  if kind == "xla" or kind == "cudnn":
+    if kind == "cudnn" and jax.default_backend() != "gpu":
+      raise errors.InputError(f"model.attention 'cudnn' needs a GPU; this backend is "
+                              f"{jax.default_backend()} (use 'chunked' or 'auto')")
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kind)
+  return pallas_flash(q, k, v, key_valid)
+
+
+def reference(q, k, v, key_valid=None):
+  """Dense attention as two einsums (on XLA's CPU backend faster than
+  `jax.nn.dot_product_attention`); the logits and softmax are float32."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+  logits = logits.astype(jnp.float32)
+  if key_valid is not None:
+    logits = jnp.where(key_valid[:, None, None, :], logits, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _dot(equation: str, a, b):
+  """einsum accumulated and returned in float32. XLA's CPU runtime has no
+  bfloat16 x bfloat16 -> float32 matmul (its bfloat16 matmuls convert to
+  float32 inside anyway), so there the operands are converted first."""
+  if jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
+def dense(q, k, v, key_valid=None):
+  """`reference` in values and gradients, with fewer passes over the logits: the
+  softmax normalisation is applied to the (T, D) output, not the (T, T) weights,
+  and the backward takes the softmax row term from dO . O (as FlashAttention)."""
+  return _dense(q, k, v, None if key_valid is None else key_valid.astype(bool))
+
+
+def _dense_forward(q, k, v, valid):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = _dot("bqhd,bkhd->bhqk", q, k) * scale
+  if valid is not None:  # (no mask: no pass over the logits for it)
+    s = jnp.where(valid[:, None, None, :], s, _MASKED)
+  p = jnp.exp(s - s.max(-1, keepdims=True))  # unnormalised weights
+  l = p.sum(-1)  # (B, H, T)
+  p = p.astype(v.dtype)
+  out = _dot("bhqk,bkhd->bqhd", p, v)
+  out = out / jnp.einsum("bhq->bqh", l)[..., None]
+  return out.astype(q.dtype), p, l
+
+
+@jax.custom_vjp
+def _dense(q, k, v, valid):
+  return _dense_forward(q, k, v, valid)[0]
+
+
+def _dense_fwd(q, k, v, valid):
+  out, p, l = _dense_forward(q, k, v, valid)
+  return out, (q, k, v, valid, out, p, l)
+
+
+def _dense_bwd(residuals, d_out):
+  q, k, v, valid, out, p, l = residuals
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  inv_l = jnp.einsum("bhq->bqh", 1.0 / l)[..., None]  # (B, T, H, 1)
+  dv = _left_transposed(p, (d_out * inv_l).astype(p.dtype))
+  dp = _dot("bqhd,bkhd->bhqk", d_out, v)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  # dS = P (dP - delta), P = p / l; hidden keys' logits are constants (no gradient).
+  ds = p * ((dp - delta[..., None]) * (scale / l)[..., None])
+  if valid is not None:
+    ds = jnp.where(valid[:, None, None, :], ds, 0.0)
+  ds = ds.astype(q.dtype)
+  dq = _dot("bhqk,bkhd->bqhd", ds, k)
+  dk = _left_transposed(ds, q)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+def _left_transposed(w, x):
+  """(B, H, Q, K) x (B, Q, H, D) -> (B, K, H, D) float32, summing over Q: as
+  (x^T w)^T, so that XLA's CPU backend transposes x, not the (Q, K) weights."""
+  return _dot("bqhd,bhqk->bkhd", x, w)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def pallas_flash(q, k, v, key_valid=None):
+  """The Pallas TPU flash-attention kernel; the key mask becomes segment ids
+  (queries in segment 1, hidden keys in segment 0)."""
+  if jax.default_backend() != "tpu":
+    raise errors.InputError(f"model.attention 'pallas' needs a TPU; this backend is "
+                            f"{jax.default_backend()} (use 'chunked' or 'auto')")
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # TPU only
+  b, t = q.shape[:2]
+  pad = -t % 128  # the kernel's blocks are multiples of 128 tokens
+  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  valid = jnp.pad(valid, ((0, 0), (0, pad)))
+  segments = tpu_flash.SegmentIds(q=jnp.ones((b, t + pad), jnp.int32),
+                                  kv=valid.astype(jnp.int32))
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  y = tpu_flash.flash_attention(heads_first(q), heads_first(k), heads_first(v),
+                                segment_ids=segments, sm_scale=1.0 / math.sqrt(q.shape[-1]))
+  return heads_first(y)[:, :t]
+
+
+# --- chunked: blockwise online softmax, flash-style backward -----------------
+
+
+def chunked(q, k, v, key_valid=None, *, block: int = 512):
+  """Attention in (block x block) tiles; equals `reference` in values and gradients.
+
+  Neither pass holds more than one tile of logits per query block; the backward
+  pass recomputes them from q, k and the saved row statistics. Tokens are padded
+  up to a multiple of the block (padded keys get probability 0).
+  """
+  if block < 1:
+    raise errors.InputError(f"model.attention_block must be positive, got {block}")
+  b, t, _, _ = q.shape
+  block = min(block, t)
+  pad = -t % block
+  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid.astype(bool)
+  # Added to the logits: 0 for a key, -1e30 for a hidden one (as the reference:
+  # s - 1e30 rounds to -1e30), -inf for padding (probability 0 even in a row
+  # that hides every key).
+  key_bias = jnp.pad(jnp.where(valid, 0.0, _MASKED), ((0, 0), (0, pad)),
+                     constant_values=-jnp.inf)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  return _chunked(q, k, v, key_bias, block)[:, :t]
+
+
+def _blocks(x, block):
+  """(B, T, ...) -> (T / block, B, block, ...): the scan runs over the first axis."""
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x):
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _tile_logits(q_blk, k_blk, bias_blk):
+  """(B, bq, H, D) x (B, bk, H, D) -> (B, H, bq, bk) float32 scaled, masked logits."""
+  scale = 1.0 / math.sqrt(q_blk.shape[-1])
+  s = _dot("bqhd,bkhd->bhqk", q_blk, k_blk)
+  return s * scale + bias_blk[:, None, None, :]
+
+
+def _forward(q, k, v, key_bias, block):
+  """(output (B, T, H, D), row statistics (T / block, 2, B, H, block) float32: the
+  running max m and the sum l of exp(logit - m), so that p = exp(logit - m) / l.
+
+  (Not the log-sum-exp m + log l: for a row hiding every key, m = -1e30 swallows
+  log l in float32.)
+  """
+  k_blocks, v_blocks, b_blocks = _blocks(k, block), _blocks(v, block), _blocks(key_bias, block)
+
+  def one_query_block(q_blk):
+    b, bq, h, d = q_blk.shape
+
+    def over_keys(carry, kv):
+      m, l, acc = carry
+      k_blk, v_blk, b_blk = kv
+      s = _tile_logits(q_blk, k_blk, b_blk)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      rescale = jnp.exp(m - m_new)
+      l = l * rescale + p.sum(-1)
+      acc = acc * rescale[..., None] + _dot(
+          "bhqk,bkhd->bhqd", p.astype(v_blk.dtype), v_blk)
+      return (m_new, l, acc), None
+
+    init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+            jnp.zeros((b, h, bq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(over_keys, init, (k_blocks, v_blocks, b_blocks))
+    out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(q_blk.dtype)
+    return out, jnp.stack([m, l])
+
+  out, stats = jax.lax.map(one_query_block, _blocks(q, block))  # stats (nq, 2, B, H, bq)
+  return _unblocks(out), stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked(q, k, v, key_bias, block):
+  return _forward(q, k, v, key_bias, block)[0]
+
+
+def _chunked_fwd(q, k, v, key_bias, block):
+  out, stats = _forward(q, k, v, key_bias, block)
+  return out, (q, k, v, key_bias, out, stats)
+
+
+def _chunked_bwd(block, residuals, d_out):
+  """FlashAttention-2's backward: per key block, a scan over query blocks
+  accumulates dK, dV; each query block's dQ share is summed over key blocks."""
+  q, k, v, key_bias, out, stats = residuals
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  # delta_i = sum_d dO_i * O_i: the softmax Jacobian's row term.
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  q_blocks, do_blocks = _blocks(q, block), _blocks(d_out.astype(q.dtype), block)
+  delta_blocks = jnp.moveaxis(delta.reshape(*delta.shape[:2], -1, block), 2, 0)
+
+  def one_key_block(dq, kv):
+    k_blk, v_blk, b_blk = kv
+
+    def over_queries(carry, qs):
+      dk, dv = carry
+      q_blk, do_blk, stats_blk, delta_blk = qs
+      m, l = stats_blk[0][..., None], stats_blk[1][..., None]
+      p = jnp.exp(_tile_logits(q_blk, k_blk, b_blk) - m) / l  # (B, H, bq, bk)
+      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(do_blk.dtype), do_blk)
+      dp = _dot("bqhd,bkhd->bhqk", do_blk, v_blk)
+      ds = p * (dp - delta_blk[..., None]) * scale
+      # Hidden keys' logits are constants: no gradient reaches q or k through them.
+      ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(q.dtype)
+      dk = dk + _dot("bhqk,bqhd->bkhd", ds, q_blk)
+      dq_blk = _dot("bhqk,bkhd->bqhd", ds, k_blk)
+      return (dk, dv), dq_blk
+
+    zeros = jnp.zeros(k_blk.shape, jnp.float32)
+    (dk, dv), dq_part = jax.lax.scan(over_queries, (zeros, zeros),
+                                     (q_blocks, do_blocks, stats, delta_blocks))
+    return dq + dq_part, (dk, dv)
+
+  dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(one_key_block, dq0,
+                              (_blocks(k, block), _blocks(v, block), _blocks(key_bias, block)))
+  cast = lambda x, like: _unblocks(x).astype(like.dtype)
+  return cast(dq, q), cast(dk, k), cast(dv, v), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
