@@ -10,6 +10,12 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+# A persistent compilation cache outside the checkout: a later run of the suite on
+# the same machine (a fresh clone too) skips most XLA compiles.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "ROI_MAE_TEST_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "roi_mae_jax",
+                                           "xla_tests")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top

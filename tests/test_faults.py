@@ -1,7 +1,6 @@
 """Faults and bad input: workdir locks, config values, damaged checkpoints, a full disk."""
 
 import errno
-import json
 import os
 import shutil
 import socket
