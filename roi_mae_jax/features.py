@@ -207,15 +207,30 @@ class EncoderFeatures:
     return _stack(source, groups, rows, counts)
 
 
-def region_series(source, scan: int, on_grid: atlas_lib.Atlas, chunk: int = 64) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class _RegionIndex:
+  """Voxels sorted by region, so a frame's region sums are one np.add.reduceat."""
+
+  order: np.ndarray    # flat voxel indices, grouped by region
+  bounds: np.ndarray   # (R,) where each region's voxels start in `order`
+  sizes: np.ndarray    # (R,) voxels per region
+
+  @classmethod
+  def of(cls, on_grid: atlas_lib.Atlas) -> "_RegionIndex":
+    labels = on_grid.labels.reshape(-1)
+    ids = np.array([r.id for r in on_grid.regions if np.any(labels == r.id)])
+    voxels = np.flatnonzero(np.isin(labels, ids))
+    order = voxels[np.argsort(labels[voxels], kind="stable")]
+    bounds = np.searchsorted(labels[order], ids)
+    return cls(order, bounds, np.diff(np.append(bounds, len(order))))
+
+
+def region_series(source, scan: int, on_grid: atlas_lib.Atlas, chunk: int = 64,
+                  index: _RegionIndex | None = None) -> np.ndarray:
   """(T, R) mean time series of every region with voxels on the grid, read `chunk` frames
   at a time (a whole 2 mm scan need not fit in memory)."""
-  labels = on_grid.labels.reshape(-1)
-  ids = np.array([r.id for r in on_grid.regions if np.any(labels == r.id)])
-  voxels = np.flatnonzero(np.isin(labels, ids))
-  order = voxels[np.argsort(labels[voxels], kind="stable")]
-  bounds = np.searchsorted(labels[order], ids)
-  sizes = np.diff(np.append(bounds, len(order)))
+  index = index or _RegionIndex.of(on_grid)
+  order, bounds, sizes = index.order, index.bounds, index.sizes
   frames = source.num_frames(scan)
   out = []
   for start in range(0, frames, chunk):
@@ -232,12 +247,14 @@ class RegionSeriesFeatures:
     if kind not in ("region_stats", "fc"):
       raise errors.InputError(f"unknown region-series baseline {kind!r}")
     self.on_grid, self.kind, self.name = on_grid, kind, kind
+    self.index = _RegionIndex.of(on_grid)
 
   def __call__(self, source, labelled_only: bool = True) -> SubjectFeatures:
     groups = _by_subject(source, labelled_scans(source, labelled_only))
     rows, started = [], time.time()
     for n, scans in enumerate(groups.values(), start=1):
-      series = np.concatenate([region_series(source, i, self.on_grid) for i in scans])
+      series = np.concatenate([region_series(source, i, self.on_grid, index=self.index)
+                               for i in scans])
       if self.kind == "region_stats":
         rows.append(np.concatenate([series.mean(0), series.std(0)]))
       else:
