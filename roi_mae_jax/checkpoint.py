@@ -128,8 +128,11 @@ class Checkpointer:
     self._unsealed.append(step)
 
   def restore(self, abstract_state: Any, step: int | None = None,
-              data_iterator=None) -> tuple[Any, bool]:
+              data_iterator=None, partial: bool = False) -> tuple[Any, bool]:
     """(state, whether `data_iterator` was moved to its saved position).
+
+    `partial`: `abstract_state` names a subset of the saved entries (e.g.
+    {"params": ..., "step": ...}); only those are read from disk.
 
     `step` None: the newest checkpoint that verifies and reads, older ones
     tried in turn (each one passed over is logged and kept in `rejected`);
@@ -152,7 +155,7 @@ class Checkpointer:
       problem = None if legacy else integrity.verify(folder)
       if problem is None:
         try:
-          restored = self._restore_step(candidate, abstract_state, data_iterator)
+          restored = self._restore_step(candidate, abstract_state, data_iterator, partial)
         except errors.InputError:
           raise
         except Exception as e:  # pylint: disable=broad-except
@@ -173,9 +176,15 @@ class Checkpointer:
         "no usable checkpoint: " + "; ".join(f"{f} {p}" for _, f, p in self.rejected) +
         f". Move the damaged folders out of {self.directory} (or choose another --workdir)")
 
-  def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, bool]:
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator,
+                    partial: bool = False) -> tuple[Any, bool]:
     target = jax.tree.map(_abstract_key_data, abstract_state)
-    items = {"state": ocp.args.StandardRestore(target)}
+    if partial:
+      items = {"state": ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)}
+    else:
+      items = {"state": ocp.args.StandardRestore(target)}
     has_data = data_iterator is not None and "data" in self.item_names(step)
     if has_data:
       self._check_process_count(step)

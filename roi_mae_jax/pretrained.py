@@ -23,14 +23,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from roi_mae_jax import build
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import errors
-from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import patches as patches_lib
-from roi_mae_jax import sharding
-from roi_mae_jax import train_step
 
 @dataclasses.dataclass(eq=False)
 class Pretrained:
@@ -86,10 +84,7 @@ class Pretrained:
 
 def random_init(pre: Pretrained) -> Pretrained:
   """The same encoder before pretraining: the run's own initial parameters (step 0)."""
-  init_key, _ = jax.random.split(jax.random.key(pre.config.seed))  # as TrainSetup.create
-  model = model_lib.MaskedAutoencoder(pre.spec, pre.config.model, rngs=nnx.Rngs(params=init_key))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return dataclasses.replace(pre, params=params, step=0)
+  return dataclasses.replace(pre, params=build.initial_params(pre.config, pre.spec), step=0)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -101,14 +96,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
-  """The encoder of a pretraining run (`step`: a checkpoint; None = the newest)."""
+  """The encoder of a pretraining run (`step`: a checkpoint; None = the newest).
+
+  Only the parameters and the step are read from the checkpoint: no optimizer
+  state, no mask sampler.
+  """
   config = read_config(workdir)
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
-  config.mesh = sharding.mesh_config(data=1, fsdp=1, tensor=1)
-  mesh = sharding.mesh_from_config(config.mesh, jax.devices()[:1])
-  setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
+  parts = build.parts(config)
+  graphdef, abstract_params = build.abstract_encoder(config, parts.spec)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {"params": jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params),
+              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)}
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise errors.InputError(f"{directory} does not exist: pretrain into {workdir} first")
@@ -119,8 +118,8 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
     if step is not None and step not in ckpt.all_steps():
       raise errors.InputError(f"no checkpoint for step {step} in {ckpt.directory}; there are "
                               f"{ckpt.all_steps()}")
-    state, _ = ckpt.restore(setup.abstract_state, step=step)
+    state, _ = ckpt.restore(abstract, step=step, partial=True)
   finally:
     ckpt.close()
-  return Pretrained(config, spec, patch_map, setup.graphdef, state["params"],
+  return Pretrained(config, parts.spec, parts.patch_map, graphdef, state["params"],
                     int(jax.device_get(state["step"])))

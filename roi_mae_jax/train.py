@@ -31,7 +31,6 @@ from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import outputs
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import plots
 from roi_mae_jax import sharding as sharding_lib
 from roi_mae_jax import train_step
@@ -173,10 +172,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   sharding_lib.check_batch_size(config.batch_size, mesh)
   local_batch = config.batch_size // jax.process_count()
 
-  # --- Tokens and masks ---------------------------------------------------
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
+  # --- Tokens, masks and the train state's layout ----------------------------
+  setup = train_step.TrainSetup.from_config(config, mesh)
+  spec, sampler = setup.parts.spec, setup.parts.sampler
   logging.info("%d brain patches x %d time chunks = %d tokens per window "
                "(%d visible, %d masked, strategy %s)", spec.num_patches, spec.num_time,
                spec.num_tokens, sampler.num_keep, sampler.num_mask, config.mask.strategy)
@@ -186,7 +184,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   iterator = make_iterator(config, source, local_batch)
 
   # --- State, checkpoints and the loop --------------------------------------
-  setup = train_step.TrainSetup.create(config, spec, sampler, mesh)
   _check_total_steps(workdir, config)
   outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

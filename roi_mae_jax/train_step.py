@@ -6,7 +6,7 @@ loss or gradients were not finite; from then on updates are skipped, so the
 state stays the last good one); with `mask.adaptive`, also region_error (R,),
 each region's tracked reconstruction error (region_objectives).
 
-    setup = TrainSetup.create(config, spec, sampler, mesh)
+    setup = TrainSetup.from_config(config, mesh)          # build.parts(config) inside
     state = setup.init()                                  # born sharded
     state, metrics = setup.step(state, {"windows": batch})  # donated state
 """
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from roi_mae_jax import build
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import region_objectives
@@ -78,16 +79,25 @@ class TrainSetup:
   abstract_state: State
   _init: Callable[[], State]
   step: Callable[[State, dict], tuple[State, dict]]
+  parts: build.Parts | None = None
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  mesh: jax.sharding.Mesh) -> "TrainSetup":
+    """The setup of `config` on `mesh`; `setup.parts` holds its patch map, spec and sampler."""
+    parts = build.parts(config)
+    setup = cls.create(config, parts.spec, parts.sampler, mesh)
+    return dataclasses.replace(setup, parts=parts)
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, spec: model_lib.TokenSpec,
              sampler: masking.MaskSampler, mesh: jax.sharding.Mesh) -> "TrainSetup":
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    init_key, train_key = build.parameter_keys(config)
     schedule = learning_rate_schedule(config.optim, config.total_steps)
     tx = make_optimizer(config.optim, schedule)
 
     def new_model(key):  # placed by the jitted init's out_shardings below
-      return model_lib.MaskedAutoencoder(spec, config.model, rngs=nnx.Rngs(params=key))
+      return build.new_model(config, spec, key)
 
     abstract_model = nnx.eval_shape(lambda: new_model(init_key))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)

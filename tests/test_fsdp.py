@@ -6,20 +6,14 @@ import pytest
 
 from conftest import load_config
 from roi_mae_jax import errors
-from roi_mae_jax import masking
-from roi_mae_jax import model as model_lib
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
 
 def _state(config, axes):
   config.mesh.update(data=axes[0], fsdp=axes[1], tensor=axes[2])
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
   mesh = sharding.mesh_from_config(config.mesh, jax.devices()[:8])
-  return train_step.TrainSetup.create(config, spec, sampler, mesh).init()
+  return train_step.TrainSetup.from_config(config, mesh).init()
 
 
 def _bytes_on_device0(tree):

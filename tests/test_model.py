@@ -7,19 +7,16 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from roi_mae_jax import masking
+from roi_mae_jax import build
 from roi_mae_jax import model as model_lib
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import tokens as tokens_lib
 
 
 @pytest.fixture(scope="module")
 def setting():
   config = load_config("pretrain_aal3", "test")
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
-  return config, patch_map, spec, sampler
+  parts = build.parts(config)
+  return config, parts.patch_map, parts.spec, parts.sampler
 
 
 def _model(spec, **overrides):

@@ -9,18 +9,16 @@ from conftest import load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import compare
 from roi_mae_jax import errors
-from roi_mae_jax import masking
+from roi_mae_jax import build
 from roi_mae_jax import model as model_lib
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import region_objectives
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
 
 def _parts(config):
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  return patch_map, spec, masking.sampler_from_config(config, patch_map)
+  parts = build.parts(config)
+  return parts.patch_map, parts.spec, parts.sampler
 
 
 def test_loss_weights_follow_each_tokens_region():

@@ -19,10 +19,7 @@ from conftest import REPO, load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
 from roi_mae_jax import errors
 from roi_mae_jax import tasks
-from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
-from roi_mae_jax import model as model_lib
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 from roi_mae_jax.data import pipeline
@@ -30,11 +27,8 @@ from roi_mae_jax.data import synthetic
 
 
 def _setup(config, devices):
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
   mesh = sharding.mesh_from_config(config.mesh, devices)
-  return train_step.TrainSetup.create(config, spec, sampler, mesh), mesh
+  return train_step.TrainSetup.from_config(config, mesh), mesh
 
 
 def _fixed_batch(config, size, seed=0):

@@ -24,7 +24,6 @@ from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import config_lib
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
-from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import prepare
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
@@ -88,10 +87,8 @@ def build(config):
   config.mesh = sharding.mesh_config(data=used, fsdp=1, tensor=1)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
-  patch_map = patches_lib.patch_map_from_config(config)
-  spec = model_lib.spec_from_config(config, patch_map)
-  sampler = masking.sampler_from_config(config, patch_map)
-  return train_step.TrainSetup.create(config, spec, sampler, mesh), spec, sampler, patch_map
+  setup = train_step.TrainSetup.from_config(config, mesh)
+  return setup, setup.parts.spec, setup.parts.sampler, setup.parts.patch_map
 
 
 def configure(args) -> ml_collections.ConfigDict:
