@@ -71,26 +71,16 @@ def baseline_of(windows: np.ndarray, kind: str) -> np.ndarray:
   raise errors.InputError(f"config.baseline must be one of {BASELINES}, got {kind!r}")
 
 
-def clips_by_subject(source, subjects, clip_windows: int) -> dict[str, list[tuple[int, list]]]:
-  """subject -> (scan index, starts of its first `clip_windows` consecutive windows)."""
-  out: dict[str, list[tuple[int, list]]] = {}
-  for i in range(len(source)):
-    subject = str(source.info(i)["subject"])
-    if subject in subjects:
-      starts = features.window_starts(source.num_frames(i), source.frames, 0, clip_windows)
-      out.setdefault(subject, []).append((i, starts))
-  return out
-
-
 def subject_maps(config, pre, source, logit_fn, labels_by_subject: dict) -> tuple[dict, list]:
   """Per-class mean maps (X, Y, Z) and (sum of IG, logit difference) per clip."""
   by_subject: dict[str, list[np.ndarray]] = {}
   errors_ = []
-  clips = clips_by_subject(source, labels_by_subject, int(config.max_windows))
-  jobs = [(subject, i, starts) for subject, items in clips.items() for i, starts in items]
+  clips = features.window_clips(source, labels_by_subject, int(config.max_windows),
+                                first_only=True)
+  jobs = [(subject, clip) for subject, items in clips.items() for clip in items]
   started = time.time()
-  for n, (subject, i, starts) in enumerate(jobs, start=1):
-    clip = np.stack([source.window_at(i, s) for s in starts])[None]   # (1, K, X, Y, Z, T)
+  for n, (subject, clip) in enumerate(jobs, start=1):
+    clip = np.stack([source.window_at(i, s) for i, s in clip])[None]   # (1, K, X, Y, Z, T)
     attr, delta = ig.integrated_gradients(
         logit_fn, jnp.asarray(clip), jnp.asarray(baseline_of(clip, config.baseline)),
         steps=int(config.ig_steps), chunk=int(config.ig_chunk))
@@ -164,8 +154,9 @@ def group_rows(rows: list[dict], min_voxels: int) -> list[dict]:
   return out
 
 
-def probe_classifier(config, pre, source, paths: dict):
-  """The probe's logistic regression refitted on every labelled subject.
+def probe_classifier(config, pre, source):
+  """The probe's logistic regression refitted on every labelled subject:
+  (logit function of a clip, labels by subject, description, the head).
 
   Fitted on the features of the clips that are explained, so the head reads
   what the attribution path computes.
@@ -174,7 +165,6 @@ def probe_classifier(config, pre, source, paths: dict):
                                    max_windows=int(config.max_windows))(source)
   head = classifier.fit_linear_head(feats.features, feats.labels, config.pool,
                                     seed=int(config.seed))
-  head.save(paths["classifier_head.npz"])
   probs = 1 / (1 + np.exp(-np.asarray(head.logit(jnp.asarray(feats.features)))))
   fit = linear_probe.binary_metrics(feats.labels, probs)
   logging.info("linear head on %d subjects: C %.3g, in-sample AUC %.3f", len(feats.labels),
@@ -182,7 +172,7 @@ def probe_classifier(config, pre, source, paths: dict):
   about = {"kind": "linear probe", "pool": config.pool, "C": head.c,
            "in_sample_auc": fit["roc_auc"]}
   return (classifier.clip_logit(pre, head), dict(zip(feats.subjects, feats.labels.tolist())),
-          about)
+          about, head)
 
 
 def finetuned_classifier(config, pre, source):
@@ -192,19 +182,25 @@ def finetuned_classifier(config, pre, source):
   table = features.subject_table(source)
   labels = dict(zip(table.subjects, table.labels.tolist()))
   about = {"kind": "fine-tuned", "path": os.path.abspath(config.classifier), "pool": pool}
-  return (lambda windows: classifier.logits(pre, pool, params, windows)), labels, about
+  return (lambda windows: classifier.logits(pre, pool, params, windows)), labels, about, None
 
 
-def write_reconstruction_by_region(pre, source, count: int, paths: dict) -> None:
+def reconstruction_rows(pre, source, count: int) -> list[dict]:
+  """Each region masked alone: the autoencoder's error there over the first window of
+  `count` scans, best first."""
   windows = np.stack([source.window_at(i, 0) for i in range(min(count, len(source)))])
   rows = region_reconstruction.reconstruction_by_region(pre, windows)
+  logging.info("reconstruction by region over %d windows: best %s (MSE %.3f), worst %s "
+               "(MSE %.3f)", len(windows), rows[0]["name"], rows[0]["mse"], rows[-1]["name"],
+               rows[-1]["mse"])
+  return rows
+
+
+def write_reconstruction_by_region(rows: list[dict], paths: dict) -> None:
   shards.write_table(paths["reconstruction_by_region.csv"],
                      ("rank", "id", "name", "hemisphere", "system", "tokens", "mse", "power",
                       "r2"), rows)
   plots.save(plots.reconstruction_by_region_figure(rows), paths["reconstruction_by_region.png"])
-  logging.info("reconstruction by region over %d windows: best %s (MSE %.3f), worst %s "
-               "(MSE %.3f)", len(windows), rows[0]["name"], rows[0]["mse"], rows[-1]["name"],
-               rows[-1]["mse"])
 
 
 def completeness_summary(pairs: list[tuple[float, float]]) -> dict:
@@ -221,26 +217,58 @@ def completeness_summary(pairs: list[tuple[float, float]]) -> dict:
           "mean_abs_delta": float(np.abs(deltas).mean())}
 
 
+def explain(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
+            source) -> dict:
+  """Attribution of an attribute config (`configs/attribute.py`) as a dict.
+
+      result = explain(config, pre, source)
+      result["regions"][0]["name"], result["groups"], result["summary"]["completeness"]
+
+  Keys: "maps" (name -> (X, Y, Z) mean IG maps, MAPS), "regions" (region_rows),
+  "groups" (group_rows), "summary" (what attribution_summary.json holds),
+  "head" (the probe head that was explained, or None for a fine-tuned
+  classifier) and "reconstruction" (reconstruction_rows, [] when
+  `reconstruction_windows` is 0).
+  """
+  baseline_of(np.zeros((1, 1)), config.baseline)  # bad names fail before any work
+  features.check_pools(config.pool)
+  if config.classifier:
+    logit_fn, labels, about, head = finetuned_classifier(config, pre, source)
+  else:
+    logit_fn, labels, about, head = probe_classifier(config, pre, source)
+  maps, completeness = subject_maps(config, pre, source, logit_fn, labels)
+  rows = region_rows(maps, pre.patch_map.atlas, int(config.min_region_voxels))
+  summary = {
+      "subjects": len(labels), "windows": len(completeness),
+      "ig_steps": int(config.ig_steps), "baseline": config.baseline,
+      "completeness": completeness_summary(completeness),
+      "classifier": about,
+      "top_regions": [r["name"] for r in rows[:10] if r["rank"]],
+      "checkpoint_step": pre.step}
+  reconstruction = (reconstruction_rows(pre, source, int(config.reconstruction_windows))
+                    if config.reconstruction_windows else [])
+  return {"maps": maps, "regions": rows, "summary": summary, "head": head,
+          "groups": group_rows(rows, int(config.min_region_voxels)),
+          "reconstruction": reconstruction}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   baseline_of(np.zeros((1, 1)), config.baseline)  # bad names fail before any work
   features.check_pools(config.pool)
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)
-  if config.classifier:
-    logit_fn, labels, about = finetuned_classifier(config, pre, source)
-  else:
-    logit_fn, labels, about = probe_classifier(config, pre, source, paths)
-  maps, completeness = subject_maps(config, pre, source, logit_fn, labels)
-  on_grid = pre.patch_map.atlas
-  rows = region_rows(maps, on_grid, int(config.min_region_voxels))
+  result = explain(config, pre, source)
+  if result["head"] is not None:
+    result["head"].save(paths["classifier_head.npz"])
+  maps, rows, on_grid = result["maps"], result["regions"], pre.patch_map.atlas
   columns = ["rank", "id", "name", "hemisphere", "system", "voxels", "contrast", "abs_mean",
              "abs_sum"] + \
       [f"{m}_mean" for m in MAPS[1:]]
   shards.write_table(paths["attribution_regions.csv"], columns, rows)
   shards.write_table(paths["attribution_groups.csv"],
                      ("level", "name", "regions", "voxels", "contrast", "abs_sum", "abs_mean"),
-                     group_rows(rows, int(config.min_region_voxels)))
+                     result["groups"])
   contrast = np.abs(maps["signed_adhd"] - maps["signed_control"])
   volume = np.stack([maps[m] for m in MAPS[:3]] + [contrast], axis=-1).astype(np.float32)
   image = nib.Nifti1Image(volume, on_grid.grid.affine)
@@ -252,16 +280,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   plots.save(plots.attribution_figure(ranked[:20], contrast, pre.brain, on_grid.grid.affine,
                                       config.get("figure_point_mm", (30.0, -20.0, 8.0))),
              paths["attribution.png"])
-  summary = {
-      "subjects": len(labels), "windows": len(completeness),
-      "ig_steps": int(config.ig_steps), "baseline": config.baseline,
-      "completeness": completeness_summary(completeness),
-      "classifier": about,
-      "top_regions": [r["name"] for r in rows[:10] if r["rank"]],
-      "checkpoint_step": pre.step}
+  summary = result["summary"]
   outputs.write_json(paths["attribution_summary.json"], summary)
-  if config.reconstruction_windows:
-    write_reconstruction_by_region(pre, source, int(config.reconstruction_windows), paths)
+  if result["reconstruction"]:
+    write_reconstruction_by_region(result["reconstruction"], paths)
   logging.info("completeness error: median %.4f of each window's logit difference, max %.4f "
                "of the mean difference; top regions: %s",
                summary["completeness"]["relative_median"],

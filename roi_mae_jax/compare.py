@@ -10,11 +10,13 @@ r"""Task `compare`: masking strategies head to head, as in the paper.
 For each strategy and seed: pretrain (`config.pretrain`, its seed and masking
 replaced), probe the frozen encoder (`config.probe`) on subject splits that are
 the same for every run, optionally fine-tune (`config.finetune`) and attribute
-(`config.attribute`: attribution by system and reconstruction by region).
-Each run lives in WORKDIR/runs/<strategy>/seed<s>/{pretrain,probe,...}; a
-finished step is reused when the command is repeated, an interrupted
-pretraining resumes from its checkpoint. The synthetic subjects depend on
-`data_seed` only, so every run sees the same subjects.
+(`config.attribute`: attribution by system and reconstruction by region). The
+evaluations are the library's (probing, finetuning, attribution.explain); the
+table is composed from the dicts they return. Each run lives in
+WORKDIR/runs/<strategy>/seed<s>/: pretrain/ (checkpoints; an interrupted
+pretraining resumes) and results.json (each evaluation's dict, kept as soon as
+it is done and reused when the command is repeated). The synthetic subjects
+depend on `data_seed` only, so every run sees the same subjects.
 
 Writes WORKDIR/compare_results.json, compare_table.md and compare.png:
 accuracy and AUC per strategy (mean, std over seeds x folds), paired
@@ -25,7 +27,6 @@ reconstruction by region and attribution by system.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -34,19 +35,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from roi_mae_jax import attribution
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import config_lib
 from roi_mae_jax import errors
 from roi_mae_jax import features
+from roi_mae_jax import finetuning
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
+from roi_mae_jax import pretrained as pretrained_lib
+from roi_mae_jax import probing
 from roi_mae_jax import tasks
 from roi_mae_jax import train
+from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
 OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
 RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute")
+RUN_RESULTS = "results.json"  # per run: evaluation -> its dict
 METRICS = {"balanced_accuracy": "balanced acc.", "roc_auc": "AUC", "accuracy": "accuracy"}
 
 # Strategy name -> settings of the pretraining config it changes. The last two
@@ -127,46 +134,83 @@ def _pretrain_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
     return json.load(f).get("steps") == int(config.total_steps)
 
 
-def _steps(config, strategy: str, seed: int, root: str) -> list[tuple[str, object, str]]:
-  """(name, config, workdir, done-marker file) of one run's tasks, in order."""
+def evaluations(config: ml_collections.ConfigDict) -> list[str]:
+  """The evaluations of every run, in order."""
+  return (["probe"] + (["finetune"] if config.get("run_finetune") else []) +
+          (["attribute"] if config.get("run_attribute") else []))
+
+
+def evaluate_run(config: ml_collections.ConfigDict, evaluation: str,
+                 pre: pretrained_lib.Pretrained, checkpoint: str,
+                 with_baselines: bool) -> dict:
+  """One evaluation of a pretrained encoder, as the dict the comparison keeps.
+
+  probe: probing.probe_encoder's results (without the out-of-fold arrays);
+  finetune: finetuning.FineTuning's cross-validation; attribute: the groups,
+  reconstruction rows and summary of attribution.explain.
+  """
+  if evaluation == "probe":
+    # The classical baselines do not depend on the strategy (init is the seed's
+    # initial encoder, the same for every strategy): only the first one runs them.
+    block = _downstream(config.probe, checkpoint,
+                        **({} if with_baselines else {"baselines": ""}))
+    results, _ = probing.probe_encoder(block, pre, sources.downstream_source(
+        pre.config, block.data))
+    results.pop("oof")
+    return results
+  if evaluation == "finetune":
+    block = _downstream(config.finetune, checkpoint)
+    return finetuning.FineTuning(block, pre, sources.downstream_source(
+        pre.config, block.data)).cross_validate()
+  block = _downstream(config.attribute, checkpoint)
+  result = attribution.explain(block, pre, sources.downstream_source(pre.config, block.data))
+  return {key: result[key] for key in ("groups", "reconstruction", "summary")}
+
+
+def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: str,
+             label: str) -> tuple[dict, bool]:
+  """(evaluation -> its dict, whether anything was computed) of one (strategy, seed).
+
+  Pretraining is a run of its own (WORKDIR/runs/<strategy>/seed<s>/pretrain,
+  resumable); the evaluations' dicts are kept in results.json beside it, so a
+  repeated command reuses them.
+  """
   base = os.path.join(root, "runs", strategy, f"seed{seed}")
   pretrain_dir = os.path.join(base, "pretrain")
-  # The classical baselines do not depend on the strategy (init is the seed's
-  # initial encoder, the same for every strategy): only the first one's probe runs them.
-  first = _names(config.strategies, "strategies")[0]
-  probe = (_downstream(config.probe, pretrain_dir) if strategy == first
-           else _downstream(config.probe, pretrain_dir, baselines=""))
-  steps = [("pretrain", pretrain_config(config, strategy, seed), "pretrain_summary.json"),
-           ("probe", probe, "probe_results.json")]
-  if config.get("run_finetune"):
-    steps.append(("finetune", _downstream(config.finetune, pretrain_dir),
-                  "finetune_results.json"))
-  if config.get("run_attribute"):
-    steps.append(("attribute", _downstream(config.attribute, pretrain_dir),
-                  "attribution_summary.json"))
-  return [(name, cfg, os.path.join(base, name), marker) for name, cfg, marker in steps]
+  pretrain = pretrain_config(config, strategy, seed)
+  did_work = False
+  if _pretrain_finished(pretrain_dir, pretrain):
+    logging.info("%s: pretraining reused from %s", label, pretrain_dir)
+  else:
+    logging.info("%s: pretraining in %s", label, pretrain_dir)
+    tasks.run_task(pretrain, pretrain_dir)
+    did_work = True
+  path = os.path.join(base, RUN_RESULTS)
+  kept = outputs.read_json(path) if os.path.exists(path) else {}
+  missing = [e for e in evaluations(config) if e not in kept]
+  if missing:
+    pre = pretrained_lib.load_pretrained(pretrain_dir)
+    first = _names(config.strategies, "strategies")[0]
+    for evaluation in missing:
+      logging.info("%s: %s", label, evaluation)
+      kept[evaluation] = evaluate_run(config, evaluation, pre, pretrain_dir, strategy == first)
+      outputs.write_json(path, kept)  # each evaluation is kept as soon as it is done
+    kept = outputs.read_json(path)  # as a repeated command will see them
+    did_work = True
+  for evaluation in evaluations(config):
+    if evaluation not in missing:
+      logging.info("%s: %s reused from %s", label, evaluation, path)
+  return {e: kept[e] for e in evaluations(config)}, did_work
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or reuses) every step; returns {(strategy, seed): {step: its workdir}}."""
+  """Runs (or reuses) every run; returns {(strategy, seed): {evaluation: its dict}}."""
   runs = plan_runs(config)
   done = {}
   start, worked = time.time(), 0  # the eta counts runs that did work, not reused ones
   for n, (strategy, seed) in enumerate(runs, start=1):
-    dirs, did_work = {}, False
-    for name, cfg, step_dir, marker in _steps(config, strategy, seed, workdir):
-      dirs[name] = step_dir
-      complete = (_pretrain_finished(step_dir, cfg) if name == "pretrain"
-                  else os.path.exists(os.path.join(step_dir, marker)))
-      if complete:
-        logging.info("run %d/%d (%s, seed %d): %s reused from %s", n, len(runs), strategy,
-                     seed, name, step_dir)
-        continue
-      logging.info("run %d/%d (%s, seed %d): %s in %s", n, len(runs), strategy, seed, name,
-                   step_dir)
-      tasks.run_task(cfg, step_dir)
-      did_work = True
-    done[(strategy, seed)] = dirs
+    done[(strategy, seed)], did_work = _run_one(config, strategy, seed, workdir,
+                                                f"run {n}/{len(runs)} ({strategy}, seed {seed})")
     worked += did_work
     elapsed = time.time() - start
     eta = elapsed / worked * (len(runs) - n) if worked else 0.0
@@ -175,29 +219,21 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return done
 
 
-def _split_scores(results_path: str, scheme: str,
+def _split_scores(results: dict, scheme: str,
                   feature_set: str = "") -> dict[str, dict[str, float]]:
   """metric -> {split name: value} of one scheme (of one feature set of a probe)."""
-  with open(results_path, encoding="utf-8") as f:
-    splits = json.load(f)["splits"]
+  splits = results.get("splits", {})
   if feature_set:
     splits = splits.get(feature_set, {})
   splits = splits.get(scheme, [])
   return {m: {s["split"]: float(s[m]) for s in splits if m in s} for m in METRICS}
 
 
-def _read_csv(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return list(csv.DictReader(f))
-
-
-def _region_summary(paths: list[str]) -> dict:
+def _region_summary(runs: list[list[dict]]) -> dict:
   """Reconstruction by region, averaged over seeds: overall, per system, best/worst."""
   per_region, per_system = {}, {}
-  for path in paths:
-    for row in _read_csv(path):
+  for rows in runs:
+    for row in rows:
       per_region.setdefault(row["name"], []).append(float(row["mse"]))
       per_system.setdefault(row["system"], []).append(float(row["mse"]))
   if not per_region:
@@ -208,11 +244,11 @@ def _region_summary(paths: list[str]) -> dict:
           "system_mse": {s: float(np.mean(v)) for s, v in sorted(per_system.items())}}
 
 
-def _attribution_summary(paths: list[str]) -> dict:
+def _attribution_summary(runs: list[list[dict]]) -> dict:
   """Attribution contrast per system, averaged over seeds, strongest first."""
   per_system = {}
-  for path in paths:
-    for row in _read_csv(path):
+  for rows in runs:
+    for row in rows:
       if row["level"] == "system":
         per_system.setdefault(row["name"], []).append(float(row["contrast"]))
   ranked = sorted(((float(np.mean(v)), s) for s, v in per_system.items()), reverse=True)
@@ -220,28 +256,26 @@ def _attribution_summary(paths: list[str]) -> dict:
 
 
 def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
-  """The comparison: per-strategy scores, paired differences, region summaries."""
+  """The comparison from every run's dicts ({(strategy, seed): {evaluation: dict}}):
+  per-strategy scores, paired differences, region summaries."""
   strategies = _names(config.strategies, "strategies")
   baselines = features.baseline_names(config.probe.get("baselines", ""))
   folds = int(config.probe.folds)
-  evaluations = {"probe": ("probe_results.json", "kfold")}
-  if config.get("run_finetune"):
-    evaluations["finetune"] = ("finetune_results.json", "kfold")
   results = {"strategies": strategies, "baselines": baselines,
              "seeds": [int(s) for s in _names(config.seeds, "seeds")],
              "baseline": config.baseline, "folds": folds,
              "repeats": int(config.probe.get("repeats", 1)), "evaluations": {}}
-  for evaluation, (filename, scheme) in evaluations.items():
+  for evaluation in [e for e in evaluations(config) if e != "attribute"]:
     # Rows: each strategy's encoder, then (probe only) the baselines of its first strategy.
     rows = strategies + (baselines if evaluation == "probe" else [])
     scores = {r: {m: {} for m in METRICS} for r in rows}
-    for (strategy, seed), dirs in done.items():
-      path = os.path.join(dirs[evaluation], filename)
+    for (strategy, seed), by_evaluation in done.items():
       sets = {strategy: "encoder"} if evaluation == "probe" else {strategy: ""}
       if evaluation == "probe" and strategy == strategies[0]:
         sets.update({b: b for b in baselines})
       for row, feature_set in sets.items():
-        for metric, by_split in _split_scores(path, scheme, feature_set).items():
+        for metric, by_split in _split_scores(by_evaluation[evaluation], "kfold",
+                                              feature_set).items():
           scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
     references = [r for r in dict.fromkeys([config.baseline, "init"]) if r in rows]
     table = {}
@@ -256,11 +290,11 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
     results["evaluations"][evaluation] = table
   if config.get("run_attribute"):
     for strategy in strategies:
-      dirs = [d["attribute"] for (s, _), d in sorted(done.items()) if s == strategy]
+      runs = [d["attribute"] for (s, _), d in sorted(done.items()) if s == strategy]
       results.setdefault("reconstruction_by_region", {})[strategy] = _region_summary(
-          [os.path.join(d, "reconstruction_by_region.csv") for d in dirs])
+          [r["reconstruction"] for r in runs])
       results.setdefault("attribution_by_system", {})[strategy] = _attribution_summary(
-          [os.path.join(d, "attribution_groups.csv") for d in dirs])
+          [r["groups"] for r in runs])
   return results
 
 

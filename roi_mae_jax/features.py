@@ -114,6 +114,31 @@ def window_starts(num_frames: int, frames: int, stride: int = 0,
   return starts[:max_windows] if max_windows else starts
 
 
+def window_clips(source, subjects, clip_windows: int,
+                 first_only: bool = False) -> dict[str, list[list[tuple[int, int]]]]:
+  """subject -> its clips, each `clip_windows` consecutive windows as (scan, start).
+
+  Every non-overlapping run of windows of every scan; `first_only`: one clip per
+  scan, its first `clip_windows` windows (fewer where the scan is shorter).
+  A subject of `subjects` without a clip is an InputError.
+  """
+  out: dict[str, list[list[tuple[int, int]]]] = {}
+  for i in range(len(source)):
+    subject = str(source.info(i)["subject"])
+    if subject not in subjects:
+      continue
+    starts = window_starts(source.num_frames(i), source.frames)
+    firsts = [0] if first_only else range(0, len(starts) - clip_windows + 1, clip_windows)
+    for first in firsts:
+      if starts[first:first + clip_windows]:
+        out.setdefault(subject, []).append([(i, s) for s in starts[first:first + clip_windows]])
+  missing = [s for s in subjects if s not in out]
+  if missing:
+    raise errors.InputError(f"subject {missing[0]} has no run of {clip_windows} windows "
+                            f"({len(missing)} subjects); lower config.clip_windows")
+  return out
+
+
 def labelled_scans(source, labelled_only: bool = True) -> list[int]:
   scans = [i for i in range(len(source))
            if not labelled_only or source.info(i)["label"] in (0, 1)]
@@ -190,21 +215,23 @@ class EncoderFeatures:
       return tokens.mean(1), regions.mean(1)
     return tokens.reshape(-1, tokens.shape[-1]), regions.reshape((-1,) + regions.shape[2:])
 
-  def __call__(self, source, labelled_only: bool = True) -> SubjectFeatures:
+  def check(self, source) -> None:
     if source.frames != self.pre.config.frames:
       raise errors.InputError(f"the data give windows of {source.frames} frames but the "
                               f"encoder was pretrained on {self.pre.config.frames}")
-    groups = _by_subject(source, labelled_scans(source, labelled_only))
-    rows, counts, started = [], [], time.time()
-    for n, scans in enumerate(groups.values(), start=1):
-      parts = [self.scan_courses(source, i) for i in scans]
-      tokens = np.concatenate([p[0] for p in parts])
-      regions = np.concatenate([p[1] for p in parts])
-      rows.append(np.asarray(pool_courses(jnp.asarray(tokens), jnp.asarray(regions), self.pool)))
-      counts.append(sum(len(self.windows(source, i)) for i in scans))
-      if n == len(groups) or n % 10 == 0:
-        _progress(f"features of {self.name}", n, len(groups), started)
-    return _stack(source, groups, rows, counts)
+
+  def scan_part(self, source, scan: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.scan_courses(source, scan)
+
+  def subject_row(self, source, scans: list[int], parts: list) -> tuple[np.ndarray, int]:
+    """(features (F,), windows read) of a subject from its scans' time courses."""
+    tokens = np.concatenate([p[0] for p in parts])
+    regions = np.concatenate([p[1] for p in parts])
+    row = np.asarray(pool_courses(jnp.asarray(tokens), jnp.asarray(regions), self.pool))
+    return row, sum(len(self.windows(source, i)) for i in scans)
+
+  def __call__(self, source, labelled_only: bool = True) -> SubjectFeatures:
+    return extract({self.name: self}, source, labelled_only)[self.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,19 +276,84 @@ class RegionSeriesFeatures:
     self.on_grid, self.kind, self.name = on_grid, kind, kind
     self.index = _RegionIndex.of(on_grid)
 
+  def check(self, source) -> None:
+    del source  # any window length
+
+  def scan_part(self, source, scan: int) -> np.ndarray:
+    return region_series(source, scan, self.on_grid, index=self.index)
+
+  def subject_row(self, source, scans: list[int], parts: list) -> tuple[np.ndarray, int]:
+    del source
+    series = np.concatenate(parts)
+    if self.kind == "region_stats":
+      return np.concatenate([series.mean(0), series.std(0)]), len(scans)
+    return np.asarray(_corr_upper(jnp.asarray(series))), len(scans)
+
   def __call__(self, source, labelled_only: bool = True) -> SubjectFeatures:
-    groups = _by_subject(source, labelled_scans(source, labelled_only))
-    rows, started = [], time.time()
-    for n, scans in enumerate(groups.values(), start=1):
-      series = np.concatenate([region_series(source, i, self.on_grid, index=self.index)
-                               for i in scans])
-      if self.kind == "region_stats":
-        rows.append(np.concatenate([series.mean(0), series.std(0)]))
-      else:
-        rows.append(np.asarray(_corr_upper(jnp.asarray(series))))
-      if n == len(groups) or n % 20 == 0:
-        _progress(f"features of {self.name}", n, len(groups), started)
-    return _stack(source, groups, rows, [len(s) for s in groups.values()])
+    return extract({self.name: self}, source, labelled_only)[self.name]
+
+
+class _HeldScan:
+  """`source`, holding the scan read last in memory, so that several extractors
+  read each scan from disk once. Only for sources whose windows are plain slices
+  of their frames (`windows_are_slices`) and scans under `max_bytes`."""
+
+  def __init__(self, source, max_bytes: int = 2 << 30):
+    self.source, self.max_bytes = source, max_bytes
+    self._scan, self._frames = None, None
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def _held(self, scan: int) -> np.ndarray | None:
+    if self._scan != scan:
+      count = self.source.num_frames(scan)
+      size = int(np.prod(self.source.grid.shape)) * count * 4
+      self._scan, self._frames = scan, (self.source.read(scan, 0, count)
+                                        if size <= self.max_bytes else None)
+    return self._frames
+
+  def read(self, scan: int, start: int, count: int) -> np.ndarray:
+    held = self._held(scan)
+    if held is None or not 0 <= start <= held.shape[-1] - count:
+      return self.source.read(scan, start, count)
+    return held[..., start:start + count]
+
+  def window_at(self, scan: int, start: int) -> np.ndarray:
+    return self.read(scan, start, self.source.frames)
+
+
+def extract(extractors: dict, source, labelled_only: bool = True) -> dict[str, SubjectFeatures]:
+  """Features of every extractor (name -> EncoderFeatures / RegionSeriesFeatures) in one
+  pass over the data: each scan is read once for all of them.
+
+      sets = extract({"encoder": EncoderFeatures(pre), "fc": RegionSeriesFeatures(atlas, "fc")},
+                     source)
+  """
+  for extractor in extractors.values():
+    extractor.check(source)
+  groups = _by_subject(source, labelled_scans(source, labelled_only))
+  if getattr(source, "windows_are_slices", False) and len(extractors) > 1:
+    source = _HeldScan(source)
+  rows = {name: [] for name in extractors}
+  counts = {name: [] for name in extractors}
+  started = time.time()
+  for n, scans in enumerate(groups.values(), start=1):
+    parts = {name: [] for name in extractors}
+    for scan in scans:  # every extractor reads the scan before the next one is read
+      for name, extractor in extractors.items():
+        parts[name].append(extractor.scan_part(source, scan))
+    for name, extractor in extractors.items():
+      row, count = extractor.subject_row(source, scans, parts[name])
+      rows[name].append(row)
+      counts[name].append(count)
+    if n == len(groups) or n % 10 == 0:
+      _progress(f"features of {', '.join(e.name for e in extractors.values())}", n,
+                len(groups), started)
+  return {name: _stack(source, groups, rows[name], counts[name]) for name in extractors}
 
 
 def baseline_names(names: str) -> list[str]:

@@ -21,191 +21,43 @@ finetune_results.json (scheme -> metric -> mean, std), finetune_table.md.
 
 from __future__ import annotations
 
-import functools
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from absl import logging
-from sklearn import linear_model
 
 from roi_mae_jax import classifier
+from roi_mae_jax import finetuning
 from roi_mae_jax import errors
 from roi_mae_jax import features
-from roi_mae_jax import linear_probe
 from roi_mae_jax import outputs
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
-from roi_mae_jax import splits as splits_lib
 from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("checkpoint", "mode", "steps", "learning_rate", "pool", "folds",
                  "clip_windows")
 OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "classifier.json")
-MODES = ("frozen", "full")
-
-
-class Trainer:
-  """The jitted train step and scorer of one (pretrained encoder, config)."""
-
-  def __init__(self, pre: pretrained_lib.Pretrained, config: ml_collections.ConfigDict):
-    self.pre, self.pool, self.mode = pre, config.pool, config.mode
-    head_tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-    encoder_tx = (optax.adamw(config.learning_rate * config.encoder_lr_scale,
-                              weight_decay=config.weight_decay)
-                  if config.mode == "full" else optax.set_to_zero())
-    # The feature standardisation ("norm") stays as measured before training.
-    self.tx = optax.multi_transform(
-        {"head": head_tx, "encoder": encoder_tx, "norm": optax.set_to_zero()},
-        {"head": "head", "encoder": "encoder", "norm": "norm"})
-
-  def init(self, head: classifier.LinearHead) -> dict:
-    params = classifier.params_of(self.pre, head)
-    params["encoder"] = jax.tree.map(jnp.copy, params["encoder"])  # the step donates it
-    return {"params": params, "opt_state": self.tx.init(params)}
-
-  def logits(self, params, clips):
-    return classifier.logits(self.pre, self.pool, params, clips)
-
-  @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-  def step(self, state, clips, labels, weights):
-    def loss_fn(params):
-      if self.mode == "frozen":  # no backward pass through the encoder
-        params = dict(params, encoder=jax.lax.stop_gradient(params["encoder"]))
-      losses = optax.sigmoid_binary_cross_entropy(self.logits(params, clips), labels)
-      return jnp.sum(weights * losses) / jnp.sum(weights)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state}, loss
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def score(self, params, clips):
-    return self.logits(params, clips)
-
-
-def subject_clips(source, subjects, clip_windows: int) -> dict[str, list[list[tuple[int, int]]]]:
-  """subject -> its clips: runs of `clip_windows` consecutive windows (scan, start)."""
-  out: dict[str, list] = {}
-  for i in range(len(source)):
-    subject = str(source.info(i)["subject"])
-    if subject not in subjects:
-      continue
-    starts = features.window_starts(source.num_frames(i), source.frames)
-    for first in range(0, len(starts) - clip_windows + 1, clip_windows):
-      out.setdefault(subject, []).append([(i, s) for s in starts[first:first + clip_windows]])
-  missing = [s for s in subjects if s not in out]
-  if missing:
-    raise errors.InputError(f"subject {missing[0]} has no run of {clip_windows} windows "
-                            f"({len(missing)} subjects); lower config.clip_windows")
-  return out
-
-
-def _read(source, clips) -> np.ndarray:
-  return np.stack([np.stack([source.window_at(i, s) for i, s in clip]) for clip in clips])
-
-
-def _subject_logits(trainer: Trainer, params, source, clips: dict, subjects,
-                    batch_size: int) -> np.ndarray:
-  """Mean logit over every clip of each subject (fixed-size batches: one compiled shape)."""
-  out = []
-  for subject in subjects:
-    items, scores = clips[subject], []
-    for first in range(0, len(items), batch_size):
-      chunk = items[first:first + batch_size]
-      batch = _read(source, chunk + [chunk[-1]] * (batch_size - len(chunk)))
-      scores.append(np.asarray(trainer.score(params, jnp.asarray(batch)))[:len(chunk)])
-    out.append(float(np.concatenate(scores).mean()))
-  return np.array(out)
-
-
-def clip_features(pre: pretrained_lib.Pretrained, pool: str, source,
-                  clips: dict) -> dict[str, np.ndarray]:
-  """subject -> (clips, F) features of the pretrained encoder (computed once, every split
-  fits its initial head on its training subjects' rows)."""
-  fn = jax.jit(lambda c: classifier.clip_features(pre, pool, pre.params, c))
-  return {subject: np.stack([np.asarray(fn(jnp.asarray(_read(source, [clip])[0])))
-                             for clip in items]) for subject, items in clips.items()}
-
-
-def train_one(trainer: Trainer, config, source, clips: dict, subjects, labels, seed: int,
-              initial: dict[str, np.ndarray]):
-  """Trains on random clips of `subjects` from the probe's head on `initial` features;
-  returns (params, calibration (a, b))."""
-  rows = np.concatenate([initial[s] for s in subjects])
-  y = np.concatenate([np.full(len(initial[s]), label) for s, label in zip(subjects, labels)])
-  head = classifier.fit_linear_head(rows, y, trainer.pool, seed=int(config.seed))
-  state = trainer.init(head)
-  rng = np.random.default_rng(seed)
-  counts = np.bincount(labels, minlength=2)
-  class_weight = len(labels) / (2 * np.maximum(counts, 1))
-  losses = []
-  for step in range(int(config.steps)):
-    picks = rng.choice(len(subjects), int(config.batch_size))
-    batch = _read(source, [clips[subjects[p]][rng.integers(len(clips[subjects[p]]))]
-                           for p in picks])
-    y = labels[picks].astype(np.float32)
-    state, loss = trainer.step(state, jnp.asarray(batch), jnp.asarray(y),
-                               jnp.asarray(class_weight[labels[picks]], jnp.float32))
-    losses.append(loss)
-    if (step + 1) % max(1, int(config.steps) // 4) == 0:
-      logging.info("finetune step %d/%d: loss %.4f (mean since the last line)", step + 1,
-                   config.steps, float(np.mean(jax.device_get(losses))))
-      losses = []
-  train_logits = _subject_logits(trainer, state["params"], source, clips, subjects,
-                                 int(config.batch_size))
-  calibration = linear_model.LogisticRegression(class_weight="balanced").fit(
-      train_logits[:, None], labels)
-  return state["params"], (float(calibration.coef_[0, 0]), float(calibration.intercept_[0]))
-
-
-def _probabilities(logit: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
-  a, b = calibration
-  return 1 / (1 + np.exp(-(a * logit + b)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if config.mode not in MODES:
-    raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+  if config.mode not in finetuning.MODES:
+    raise errors.InputError(f"config.mode must be one of {finetuning.MODES}, got "
+                            f"{config.mode!r}")
   features.check_pools(config.pool)
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)
-  table = features.subject_table(source)  # subjects, sites, labels: no encoder run
-  splits = splits_lib.from_config(config, table.subjects, table.labels, table.sites)
-  clips = subject_clips(source, set(table.subjects), int(config.clip_windows))
-  trainer = Trainer(pre, config)
-  initial = clip_features(pre, config.pool, source, clips)
-  per_split = {}
-  for n, split in enumerate(splits, start=1):
-    train_subjects = [table.subjects[r] for r in split.train]
-    params, calibration = train_one(trainer, config, source, clips, train_subjects,
-                                    table.labels[split.train], int(config.seed) + n, initial)
-    test_subjects = [table.subjects[r] for r in split.test]
-    probs = _probabilities(_subject_logits(trainer, params, source, clips, test_subjects,
-                                           int(config.batch_size)), calibration)
-    metrics = linear_probe.binary_metrics(table.labels[split.test], probs)
-    per_split.setdefault(split.scheme, []).append(dict(metrics, split=split.name))
-    logging.info("finetune split %d/%d (%s %s): balanced acc. %.3f, AUC %.3f", n, len(splits),
-                 split.scheme, split.name, metrics["balanced_accuracy"], metrics["roc_auc"])
-  summary = {scheme: linear_probe.summarise(v) for scheme, v in per_split.items()}
-  results = dict(summary, splits=per_split)
-  results["meta"] = {"checkpoint": os.path.abspath(config.checkpoint), "mode": config.mode,
-                     "steps": int(config.steps), "pool": config.pool,
-                     "clip_windows": int(config.clip_windows),
-                     "subjects": len(table.subjects)}
+  tuning = finetuning.FineTuning(config, pre, source)
+  results = tuning.cross_validate()
   outputs.write_json(paths["finetune_results.json"], results)
+  summary = {k: v for k, v in results.items() if k not in ("splits", "meta")}
   text = probing.markdown_table({"features": {f"{config.mode} ({config.pool})": summary}})
   with open(paths["finetune_table.md"], "w", encoding="utf-8") as f:
     f.write(f"Fine-tuning ({config.mode}, {config.steps} steps, clips of "
-            f"{config.clip_windows} windows), ADHD vs control: {len(table.subjects)} "
+            f"{config.clip_windows} windows), ADHD vs control: {len(tuning.table.subjects)} "
             "subjects\n\n" + text)
-  final, calibration = train_one(trainer, config, source, clips, table.subjects, table.labels,
-                                 int(config.seed), initial)
+  final, calibration = tuning.fit_all()
   classifier.save_classifier(paths["classifier"], final, {
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from roi_mae_jax import errors
 
@@ -29,13 +30,32 @@ def claim(workdir: str, names: Sequence[str], overwrite: bool) -> list[str]:
   return paths
 
 
+def _jsonable(value):
+  """NumPy scalars and arrays as JSON numbers and lists."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def write_json(path: str, payload: Any) -> None:
   """Writes JSON atomically (a reader never sees half a file)."""
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(payload, f, indent=2, sort_keys=True, default=_jsonable)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  """A JSON file; an unreadable one is an InputError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.InputError(f"{path} cannot be read ({e}); move it away to compute it "
+                            "again") from None
 
 
 def check_task(workdir: str, task: str) -> None:

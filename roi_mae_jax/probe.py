@@ -22,7 +22,6 @@ probe_features.npz (the encoder's features).
 
 from __future__ import annotations
 
-import os
 
 import ml_collections
 import numpy as np
@@ -33,24 +32,12 @@ from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
-from roi_mae_jax import splits as splits_lib
 from roi_mae_jax.data import shards
 from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("checkpoint", "pool", "folds", "repeats", "schemes")
 OUTPUT_NAMES = ("probe_results.json", "probe_table.md", "probe_roc.png",
                 "probe_predictions.csv", "probe_features.npz")
-
-
-def feature_sets(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
-                 source) -> dict[str, features.SubjectFeatures]:
-  """"encoder" (the checkpoint with `config.pool`) and every baseline of `config.baselines`."""
-  options = {"stride": int(config.stride), "batch_size": int(config.batch_size),
-             "max_windows": int(config.max_windows)}
-  extractors = {"encoder": features.EncoderFeatures(pre, config.pool, name="encoder",
-                                                    **options)}
-  extractors.update(features.baseline_extractors(pre, config.baselines, config.pool, **options))
-  return {name: extract(source) for name, extract in extractors.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -61,25 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.info("encoder from %s (step %d, %s, %d tokens per window)", config.checkpoint,
                pre.step, pre.config.model.size, pre.spec.num_tokens)
   source = sources.downstream_source(pre.config, config.data)
-  sets = feature_sets(config, pre, source)
+  results, sets = probing.probe_encoder(config, pre, source)
   feats = sets["encoder"]
-  logging.info("%d subjects (%d ADHD, %d control), %d encoder features, %.1f windows per "
-               "subject", len(feats.subjects), int((feats.labels == 1).sum()),
-               int((feats.labels == 0).sum()), feats.features.shape[1], feats.windows.mean())
-  splits = splits_lib.from_config(config, feats.subjects, feats.labels, feats.sites)
-  results = probing.evaluate(sets, splits, reference="encoder",
-                             inner_folds=int(config.inner_folds), seed=int(config.seed),
-                             jax_probe=("encoder",) if config.jax_probe else ())
   oof = results.pop("oof")
-  results["meta"] = {
-      "checkpoint": os.path.abspath(config.checkpoint), "step": pre.step,
-      "pool": config.pool, "stride": int(config.stride),
-      "features": {k: int(v.features.shape[1]) for k, v in sets.items()},
-      "subjects": len(feats.subjects), "adhd": int((feats.labels == 1).sum()),
-      "control": int((feats.labels == 0).sum()), "sites": sorted(set(feats.sites)),
-      "windows_per_subject": float(feats.windows.mean()), "folds": int(config.folds),
-      "repeats": int(config.repeats), "mask_strategy": pre.config.mask.strategy,
-      "synthetic_preset": "" if config.data.shards else config.data.get("synthetic_preset", "")}
   outputs.write_json(paths["probe_results.json"], results)
   table = probing.markdown_table(results, {"encoder": f"encoder ({config.pool})",
                                            "encoder_jax": f"encoder ({config.pool}), JAX probe"})

@@ -7,6 +7,8 @@
     results["differences"]["fc"]["kfold"]["roc_auc"]      # encoder - fc: mean, 95% CI, p
     print(markdown_table(results))
 
+    results, sets = probe_encoder(probe_config, pre, source)   # what task `probe` writes
+
 Every feature set is fitted by the same standardised, class-balanced logistic
 regression (C by inner CV) on the same splits, so the scores pair split by
 split: differences against the reference use the corrected resampled t-test
@@ -15,15 +17,19 @@ of `comparison_stats` (k-fold training sets overlap).
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
 from absl import logging
 
+import ml_collections
+
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import errors
 from roi_mae_jax import features as features_lib
 from roi_mae_jax import linear_probe
+from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import splits as splits_lib
 
 METRIC_NAMES = {"balanced_accuracy": "balanced acc.", "roc_auc": "ROC AUC",
@@ -77,6 +83,49 @@ def evaluate(sets: Mapping[str, features_lib.SubjectFeatures],
              "splits": per_split, "reference": reference, "oof": oof}
   results["differences"] = differences(per_split, reference, splits)
   return results
+
+
+def feature_sets(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
+                 source) -> dict[str, features_lib.SubjectFeatures]:
+  """"encoder" (the checkpoint with `config.pool`) and every baseline of `config.baselines`,
+  from one pass over the data."""
+  options = {"stride": int(config.stride), "batch_size": int(config.batch_size),
+             "max_windows": int(config.max_windows)}
+  extractors = {"encoder": features_lib.EncoderFeatures(pre, config.pool, name="encoder",
+                                                        **options)}
+  extractors.update(features_lib.baseline_extractors(pre, config.baselines, config.pool,
+                                                     **options))
+  return features_lib.extract(extractors, source)
+
+
+def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
+                  source) -> tuple[dict, dict[str, features_lib.SubjectFeatures]]:
+  """The probe of a probe config (`configs/probe.py`): (results, feature sets).
+
+  `results` is `evaluate`'s dict plus "meta" (what was probed, subject counts);
+  it keeps "oof" (out-of-fold probabilities, arrays) for the caller to write.
+  """
+  features_lib.check_pools(config.pool)
+  features_lib.baseline_names(config.baselines)
+  sets = feature_sets(config, pre, source)
+  feats = sets["encoder"]
+  logging.info("%d subjects (%d ADHD, %d control), %d encoder features, %.1f windows per "
+               "subject", len(feats.subjects), int((feats.labels == 1).sum()),
+               int((feats.labels == 0).sum()), feats.features.shape[1], feats.windows.mean())
+  splits = splits_lib.from_config(config, feats.subjects, feats.labels, feats.sites)
+  results = evaluate(sets, splits, reference="encoder", inner_folds=int(config.inner_folds),
+                     seed=int(config.seed),
+                     jax_probe=("encoder",) if config.get("jax_probe") else ())
+  results["meta"] = {
+      "checkpoint": os.path.abspath(config.checkpoint), "step": pre.step,
+      "pool": config.pool, "stride": int(config.stride),
+      "features": {k: int(v.features.shape[1]) for k, v in sets.items()},
+      "subjects": len(feats.subjects), "adhd": int((feats.labels == 1).sum()),
+      "control": int((feats.labels == 0).sum()), "sites": sorted(set(feats.sites)),
+      "windows_per_subject": float(feats.windows.mean()), "folds": int(config.folds),
+      "repeats": int(config.repeats), "mask_strategy": pre.config.mask.strategy,
+      "synthetic_preset": "" if config.data.shards else config.data.get("synthetic_preset", "")}
+  return results, sets
 
 
 def differences(per_split: Mapping[str, Mapping[str, list]], reference: str,

@@ -64,15 +64,14 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   assert diff["n"] == 3 and diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
   assert "vs_baseline" not in probe["random"] and probe["random"]["vs_init"]["roc_auc"]["n"] == 3
   # The baselines were probed once, in the first strategy's runs.
-  with open(tmp_path / "runs" / "random" / "seed0" / "probe" / "probe_results.json") as f:
-    assert list(json.load(f)["features"]) == ["encoder"]
+  kept = {s: json.loads((tmp_path / "runs" / s / "seed0" / "results.json").read_text())
+          for s in ("roi", "random")}
+  assert list(kept["random"]["probe"]["features"]) == ["encoder"]
+  assert sorted(kept["roi"]["probe"]["features"]) == ["encoder", "fc", "init", "region_stats"]
+  assert sorted(kept["roi"]) == ["attribute", "probe"]
   # Both strategies were probed on the same subjects and the same splits.
-  splits = {}
-  for strategy in ("roi", "random"):
-    with open(tmp_path / "runs" / strategy / "seed0" / "probe" / "probe_results.json") as f:
-      probed = json.load(f)
-    splits[strategy] = ([s["split"] for s in probed["splits"]["encoder"]["kfold"]],
-                        probed["meta"]["subjects"])
+  splits = {s: ([x["split"] for x in kept[s]["probe"]["splits"]["encoder"]["kfold"]],
+                kept[s]["probe"]["meta"]["subjects"]) for s in kept}
   assert splits["roi"] == splits["random"]
   masks = [json.loads((tmp_path / "runs" / s / "seed0" / "pretrain" / "pretrain_summary.json")
                       .read_text())["mask_strategy"] for s in ("roi", "random")]
@@ -104,31 +103,27 @@ def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
     tasks.run_task(config, str(tmp_path))
 
 
-def _write_results(path, scores, baselines=()):
-  path.mkdir(parents=True)
+def _results(scores, baselines=()):
+  """An evaluation's dict as the library returns it: probe (feature set -> scheme ->
+  splits) when `baselines` is not None, else fine-tuning (scheme -> splits)."""
   splits = [{"split": f"seed0/fold{k}", "accuracy": a, "balanced_accuracy": a, "roc_auc": u}
             for k, (a, u) in enumerate(scores)]
-  if path.name == "probe":  # feature set -> scheme -> splits
-    payload = {name: {"kfold": splits} for name in ("encoder",) + tuple(baselines)}
-    (path / "probe_results.json").write_text(json.dumps({"splits": payload}))
-  else:
-    (path / "finetune_results.json").write_text(json.dumps({"splits": {"kfold": splits}}))
+  if baselines is None:
+    return {"splits": {"kfold": splits}}
+  return {"splits": {name: {"kfold": splits} for name in ("encoder",) + tuple(baselines)}}
 
 
-def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune(tmp_path):
+def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune():
   config = load_config("compare_masking", "test")
   config.seeds, config.run_finetune, config.run_attribute = "0,1", True, False
   config.probe.baselines = "init"
   done = {}
   for strategy, shift in (("roi", 0.1), ("random", 0.0)):
     for seed in (0, 1):
-      dirs = {}
-      for step in ("probe", "finetune"):
-        dirs[step] = tmp_path / strategy / str(seed) / step
-        _write_results(dirs[step], [(0.6 + shift + 0.01 * k + 0.02 * seed, 0.7 + shift)
-                                    for k in range(3)],
-                       baselines=("init",) if strategy == "roi" else ())
-      done[(strategy, seed)] = dirs
+      scores = [(0.6 + shift + 0.01 * k + 0.02 * seed, 0.7 + shift) for k in range(3)]
+      done[(strategy, seed)] = {
+          "probe": _results(scores, ("init",) if strategy == "roi" else ()),
+          "finetune": _results(scores, None)}
   results = compare.summarise(config, done)
   for evaluation in ("probe", "finetune"):
     table = results["evaluations"][evaluation]

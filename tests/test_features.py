@@ -73,11 +73,40 @@ class _ToySource:
   def num_frames(self, i):
     return 10
 
+  @property
+  def grid(self):
+    return self.atlas.grid
+
   def read(self, i, start, count):
+    self.reads = getattr(self, "reads", 0) + 1
     return self.data[i][..., start:start + count]
 
   def window_at(self, i, start):
     return self.read(i, start, self.frames)
+
+
+def test_extractors_share_one_read_of_each_scan():
+  source = _ToySource()
+  alone = {kind: features.RegionSeriesFeatures(source.atlas, kind)(source)
+           for kind in ("region_stats", "fc")}
+  reads_alone = source.reads
+  source.reads, source.windows_are_slices = 0, True
+  together = features.extract({kind: features.RegionSeriesFeatures(source.atlas, kind)
+                               for kind in ("region_stats", "fc")}, source)
+  assert source.reads == 2 and reads_alone == 2 * 2  # per extractor and scan
+  for kind, feats in alone.items():
+    np.testing.assert_array_equal(together[kind].features, feats.features)
+    assert together[kind].subjects == feats.subjects
+
+
+def test_window_clips_all_runs_or_the_first_of_each_scan():
+  source = _ToySource()   # 10 frames, windows of 2: starts 0, 2, 4, 6, 8
+  clips = features.window_clips(source, {"s0", "s1"}, 2)
+  assert clips["s1"] == [[(1, 0), (1, 2)], [(1, 4), (1, 6)]]
+  assert features.window_clips(source, {"s0"}, 2, first_only=True) == {"s0": [[(0, 0), (0, 2)]]}
+  assert features.window_clips(source, {"s0"}, 9, first_only=True)["s0"][0][-1] == (0, 8)
+  with pytest.raises(errors.InputError, match="no run of 6 windows"):
+    features.window_clips(source, {"s0"}, 6)
 
 
 def test_region_series_baselines_read_every_frame_in_chunks():

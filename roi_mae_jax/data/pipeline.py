@@ -95,6 +95,8 @@ class ShardWindows:
   window are left out (and logged by the caller through `left_out`).
   """
 
+  windows_are_slices = True  # window_at(i, s) == read(i, s, frames): a read scan serves both
+
   def __init__(self, workdir: str, frames: int):
     self.data = shards.PreparedDataset(workdir)
     self.frames = frames
