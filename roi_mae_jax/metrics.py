@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from typing import Mapping
 
@@ -90,3 +92,20 @@ class MetricsLog:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def peak_rss_mib() -> float:
+  """Peak resident memory of this process (MiB).
+
+  Linux's VmHWM, not getrusage: a spawned worker's ru_maxrss still counts the
+  parent's pages from before its exec.
+  """
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes vs KiB
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

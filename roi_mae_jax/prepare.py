@@ -27,10 +27,8 @@ import concurrent.futures
 import csv
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
-import sys
 import time
 
 import ml_collections
@@ -127,7 +125,7 @@ def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, obj
       raise  # not this scan's fault: every later scan would fail the same way
     # One odd file must not end a run over hundreds; the report names it.
     status, payload = "skipped", f"unexpected error ({type(e).__name__}: {e})"
-  return status, payload, peak_rss_mib()
+  return status, payload, metrics.peak_rss_mib()
 
 
 def _results(todo, job, workdir: str, workers: int):
@@ -162,23 +160,6 @@ def _disk_checked(results, workdir: str):
     raise errors.TrainingError(
         f"no space left on device while writing shards into {workdir} ({e}); the {kept} "
         "finished scans are kept: free space and re-run the same command to resume") from None
-
-
-def peak_rss_mib() -> float:
-  """Peak resident memory of this process (MiB).
-
-  Linux's VmHWM, not getrusage: a spawned worker's ru_maxrss still counts the
-  parent's pages from before its exec.
-  """
-  try:
-    with open("/proc/self/status", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes vs KiB
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -255,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
              "files_ignored": ignored,
              "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
              "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
-             "peak_rss_mib": {"main": round(peak_rss_mib(), 1),
+             "peak_rss_mib": {"main": round(metrics.peak_rss_mib(), 1),
                               "largest_worker": round(worker_peak, 1)},
              "labels": {"adhd": labels.count(1), "control": labels.count(0),
                         "unlabelled": labels.count(-1)},

@@ -45,17 +45,6 @@ RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints",
                      "fault_kill_after_step", "overwrite", "distributed")
 
 
-def make_iterator(config: ml_collections.ConfigDict, source, local_batch: int):
-  """The checkpointable batch iterator of this process."""
-  dataset = pipeline.training_dataset(
-      source, local_batch, config.seed,
-      windows_per_subject=config.data.get("windows_per_subject", 1),
-      streams=config.data.get("streams", 0))
-  return pipeline.make_iterator(dataset, config.data.get("read_threads", 2),
-                                config.data.get("prefetch", 4),
-                                config.data.get("prefetch_workers", 0))
-
-
 def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
   bad = int(jax.device_get(state["bad_step"]))
   if bad >= 0:
@@ -181,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   # --- Input --------------------------------------------------------------
   source = sources.training_source(config, multiple_of=config.patches.size)
-  iterator = make_iterator(config, source, local_batch)
+  iterator = pipeline.iterator_from_config(config, source, local_batch)
 
   # --- State, checkpoints and the loop --------------------------------------
   _check_total_steps(workdir, config)

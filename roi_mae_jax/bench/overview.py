@@ -26,13 +26,13 @@ from typing import Callable
 import jax
 import numpy as np
 
-from roi_mae_jax import prepare
+from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import sharding
-from roi_mae_jax import train
 from roi_mae_jax.bench import masks as bench_masks
 from roi_mae_jax.bench import memory as bench_memory
-from roi_mae_jax.data import sources
 from roi_mae_jax.bench import train as bench_train
+from roi_mae_jax.data import pipeline
+from roi_mae_jax.data import sources
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +105,7 @@ def run(args) -> dict:
 
   # Real input: the same source and iterator as `task pretrain`.
   source = sources.training_source(config, multiple_of=config.patches.size)
-  iterator = train.make_iterator(config, source, config.batch_size // jax.process_count())
+  iterator = pipeline.iterator_from_config(config, source, config.batch_size // jax.process_count())
   state = setup.init()
   batch = sharding.global_batch({"windows": next(iterator)["windows"]}, setup.mesh)
   compiled, compile_figures = bench_train.compile_step(setup, state, batch)
@@ -136,7 +136,7 @@ def run(args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   figures["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   figures["device_limit_bytes"] = stats.get("bytes_limit")
-  figures["host_peak_rss_mib"] = prepare.peak_rss_mib()
+  figures["host_peak_rss_mib"] = metrics_lib.peak_rss_mib()
   if args.max_batch:
     if figures["device_limit_bytes"]:
       print("largest batch per device:")

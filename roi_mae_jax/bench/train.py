@@ -24,7 +24,7 @@ from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import config_lib
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
-from roi_mae_jax import prepare
+from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
@@ -174,7 +174,7 @@ def run(args) -> dict:
   print_speed(figures, config.model.dtype)
   if args.vs_dtype:
     figures["vs_dtype"] = versus_dtype(config, args, steps_run)
-  figures["host_peak_rss_mib"] = prepare.peak_rss_mib()
+  figures["host_peak_rss_mib"] = metrics_lib.peak_rss_mib()
   print(f"host peak RSS {figures['host_peak_rss_mib']:,.0f} MiB")
   return figures
 

@@ -196,6 +196,17 @@ def training_dataset(source, local_batch: int, seed: int, *, windows_per_subject
   return grain.experimental.ZipMapDataset(parts).map(_ConcatStreams())
 
 
+def iterator_from_config(config, source, local_batch: int):
+  """The checkpointable batch iterator of this process for a pretraining config
+  (`data.windows_per_subject`, `data.streams`, `data.read_threads`, ...)."""
+  dataset = training_dataset(
+      source, local_batch, config.seed,
+      windows_per_subject=config.data.get("windows_per_subject", 1),
+      streams=config.data.get("streams", 0))
+  return make_iterator(dataset, config.data.get("read_threads", 2),
+                       config.data.get("prefetch", 4), config.data.get("prefetch_workers", 0))
+
+
 def make_iterator(dataset: grain.MapDataset, read_threads: int = 2, prefetch: int = 4,
                   prefetch_workers: int = 0):
   """A checkpointable iterator; `prefetch_workers` > 0 reads in that many processes."""
