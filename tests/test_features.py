@@ -178,3 +178,29 @@ def test_evaluate_pairs_feature_sets_on_the_same_splits():
                                                        sets["noise"].features, np.ones(40)))
   with pytest.raises(errors.InputError, match="different subjects"):
     probing.evaluate(shuffled, splits)
+
+
+def test_prepared_scans_are_read_once_for_encoder_and_baselines(pretrained_dir, prepared_dir,
+                                                                monkeypatch):
+  from roi_mae_jax.data import pipeline
+  from roi_mae_jax.data import shards
+  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
+  source = pipeline.ShardWindows(str(prepared_dir), pre.config.frames)
+  frames_read = []
+  original = shards.PreparedDataset.frames
+
+  def counting(self, scan, start, count):
+    frames_read.append(count)
+    return original(self, scan, start, count)
+
+  monkeypatch.setattr(shards.PreparedDataset, "frames", counting)
+  extractors = lambda: {"encoder": features.EncoderFeatures(pre, "region_std", batch_size=2),
+                        "region_stats": features.RegionSeriesFeatures(pre.patch_map.atlas,
+                                                                      "region_stats")}
+  alone = {name: extractor(source) for name, extractor in extractors().items()}
+  read_alone, frames_read[:] = sum(frames_read), []
+  together = features.extract(extractors(), source)
+  total = sum(source.num_frames(i) for i in range(len(source)))
+  assert sum(frames_read) == total < read_alone   # every frame once
+  for name, feats in alone.items():
+    np.testing.assert_allclose(together[name].features, feats.features, atol=1e-6)
