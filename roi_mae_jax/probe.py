@@ -68,8 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                int((feats.labels == 0).sum()), feats.features.shape[1], feats.windows.mean())
   splits = splits_lib.from_config(config, feats.subjects, feats.labels, feats.sites)
   results = probing.evaluate(sets, splits, reference="encoder",
-                             inner_folds=int(config.inner_folds), seed=int(config.seed),
-                             jax_probe=("encoder",) if config.jax_probe else ())
+                             inner_folds=int(config.inner_folds), seed=int(config.seed))
   oof = results.pop("oof")
   results["meta"] = {
       "checkpoint": os.path.abspath(config.checkpoint), "step": pre.step,
@@ -81,8 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       "repeats": int(config.repeats), "mask_strategy": pre.config.mask.strategy,
       "synthetic_preset": "" if config.data.shards else config.data.get("synthetic_preset", "")}
   outputs.write_json(paths["probe_results.json"], results)
-  table = probing.markdown_table(results, {"encoder": f"encoder ({config.pool})",
-                                           "encoder_jax": f"encoder ({config.pool}), JAX probe"})
+  table = probing.markdown_table(results, {"encoder": f"encoder ({config.pool})"})
   with open(paths["probe_table.md"], "w", encoding="utf-8") as f:
     f.write(f"Linear probe, ADHD vs control: {len(feats.subjects)} subjects, encoder step "
             f"{pre.step} ({pre.config.mask.strategy} masking), pool {config.pool}; baselines "
