@@ -63,3 +63,17 @@ def test_prepare_and_synthetic_files_are_mni_niftis(athena_dir, prepared_dir, aa
   assert set(np.unique(np.asarray(labels.dataobj)).tolist()) <= set(names)
   names.pop(0)  # Background
   assert names.items() <= {r.id: r.name for r in aal3.regions}.items()  # AAL3's own ids
+
+
+def test_the_mni_template_for_figures_needs_no_network(monkeypatch):
+  import socket
+  from roi_mae_jax import plots
+
+  def refuse(*args, **kwargs):
+    raise OSError("network access during a figure")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  plots.mni_template.cache_clear()
+  template = plots.mni_template()
+  assert template.shape[:3] == (99, 117, 95) and abs(template.affine[0, 0]) == 2.0
