@@ -52,7 +52,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.finetune = finetune_config.get_config()
   config.attribute = attribute_config.get_config()
   config.probe.schemes = "kfold"       # the paired comparison is over k-fold splits
-  config.probe.jax_probe = False
   config.finetune.schemes = "kfold"
   if not arg:  # demo scale: ~2.5 min per run on a 2-core CPU
     config.pretrain.total_steps = 150
@@ -68,7 +67,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.pretrain = pretrain_aal3.get_config("test")
     config.probe = probe_config.get_config("test")
     config.probe.schemes = "kfold"
-    config.probe.jax_probe = False
     config.probe.data.synthetic_subjects = 0
     config.attribute.max_windows = 1
     config.attribute.ig_steps = 4

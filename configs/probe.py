@@ -27,7 +27,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.folds = 5
   config.repeats = 3                # k-fold repeated over seeds 0..repeats-1
   config.inner_folds = 3            # to choose C
-  config.jax_probe = False          # also the JAX probe on the encoder's features
   config.batch_size = 8             # windows per encoder call
   config.max_windows = 0            # windows per scan, from its start (0: all)
   if arg == "test":  # seconds on a CPU, on a pretrain_aal3.py:test checkpoint

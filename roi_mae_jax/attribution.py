@@ -19,10 +19,14 @@ Writes to WORKDIR:
                             `min_region_voxels` voxels last and unranked
   attribution_groups.csv    the same by hemisphere and by system (voxel-weighted); groups
                             under `min_region_voxels` voxels last, as regions
-  attribution_map.nii.gz    on the data grid with its MNI affine; volumes: mean |IG|,
-                            signed mean of ADHD subjects, signed mean of controls, and
-                            the class contrast |ADHD - control|
-  attribution.png           the top-20 regions and slices of the contrast map
+  attribution_map.nii.gz    the plot-ready map: mean signed IG of ADHD subjects minus that
+                            of controls, per voxel (3D, on the data grid, MNI sform/qform,
+                            mm), whose |region mean| ranks the regions:
+                            `nilearn.plotting.plot_stat_map("attribution_map.nii.gz")`
+  attribution_abs.nii.gz, attribution_adhd.nii.gz, attribution_control.nii.gz
+                            3D as well: mean |IG| over all subjects, mean signed IG of
+                            ADHD subjects, of controls
+  attribution.png           the top-20 regions and the map on the MNI template (nilearn)
   attribution_summary.json  completeness (sum of IG vs logit difference), counts, top regions
   classifier_head.npz       the linear head that was explained
   reconstruction_by_region.csv / .png
@@ -38,10 +42,10 @@ import time
 
 import jax.numpy as jnp
 import ml_collections
-import nibabel as nib
 import numpy as np
 from absl import logging
 
+from roi_mae_jax import brain_maps
 from roi_mae_jax import classifier
 from roi_mae_jax import errors
 from roi_mae_jax import features
@@ -56,7 +60,14 @@ from roi_mae_jax.data import shards
 from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("checkpoint", "pool", "ig_steps", "ig_chunk", "baseline")
-OUTPUT_NAMES = ("attribution_regions.csv", "attribution_groups.csv", "attribution_map.nii.gz",
+# Written 3D maps: file -> (what, key of `maps` or "difference").
+MAP_FILES = {
+    "attribution_map.nii.gz": ("IG ADHD - control (mean signed, per voxel)", "difference"),
+    "attribution_abs.nii.gz": ("IG mean |attribution|, all subjects", "abs_all"),
+    "attribution_adhd.nii.gz": ("IG mean signed attribution, ADHD", "signed_adhd"),
+    "attribution_control.nii.gz": ("IG mean signed attribution, controls", "signed_control"),
+}
+OUTPUT_NAMES = ("attribution_regions.csv", "attribution_groups.csv", *MAP_FILES,
                 "attribution.png", "attribution_summary.json", "classifier_head.npz",
                 "reconstruction_by_region.csv", "reconstruction_by_region.png")
 BASELINES = ("zeros", "temporal_mean")
@@ -269,15 +280,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   shards.write_table(paths["attribution_groups.csv"],
                      ("level", "name", "regions", "voxels", "contrast", "abs_sum", "abs_mean"),
                      result["groups"])
-  contrast = np.abs(maps["signed_adhd"] - maps["signed_control"])
-  volume = np.stack([maps[m] for m in MAPS[:3]] + [contrast], axis=-1).astype(np.float32)
-  image = nib.Nifti1Image(volume, on_grid.grid.affine)
-  image.header["descrip"] = b"IG: mean |attr|, signed ADHD, signed control, contrast"
-  image.header.set_qform(on_grid.grid.affine, code=4)  # 4 = MNI152
-  image.header.set_sform(on_grid.grid.affine, code=4)
-  nib.save(image, paths["attribution_map.nii.gz"])
+  difference = maps["signed_adhd"] - maps["signed_control"]
+  for name, (what, key) in MAP_FILES.items():
+    volume = difference if key == "difference" else maps[key]
+    brain_maps.save_mni(volume.astype(np.float32), on_grid.grid.affine, paths[name], what)
   ranked = [r for r in rows if r["rank"]]
-  plots.save(plots.attribution_figure(ranked[:20], contrast, pre.brain, on_grid.grid.affine,
+  plots.save(plots.attribution_figure(ranked[:20], difference, pre.brain, on_grid.grid.affine,
                                       config.get("figure_point_mm", (30.0, -20.0, 8.0))),
              paths["attribution.png"])
   summary = result["summary"]

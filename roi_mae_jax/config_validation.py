@@ -67,6 +67,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mask.ratio": _RATIO,
 }
 
+# Keys earlier versions had: an old config that sets one gets why, not a silent no-op.
+REMOVED: dict[str, str] = {
+    "jax_probe": "the JAX logistic probe was removed: the scikit-learn probe, fitted in the "
+                 "span of the training rows, is exact at every C and faster; remove the setting",
+}
+
 
 def _leaves(node, prefix: str = ""):
   for key, value in node.items():
@@ -105,6 +111,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises one `InputError` naming every value of `config` that breaks a rule."""
   problems = []
   for path, value in _leaves(config):
+    if path.split(".")[-1] in REMOVED:
+      problems.append(f"config.{path}: {REMOVED[path.split('.')[-1]]}")
+      continue
     rule = _rule_for(path)
     if rule is not None and value is not None and not rule[0](value):
       problems.append(f"config.{path} = {value!r} must be {rule[1]}")
@@ -133,6 +142,8 @@ def flag_error(error: Exception, argv: list[str]) -> str:
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
                  re.search(rf"\.{re.escape(key)}(=|$)", a.split("=")[0] + "=")), None)
     where = f"{flag}: " if flag else ""
+    if key in REMOVED:
+      return f"{where}no config key '{key}': {REMOVED[key]}"
     hint = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
     return f"{where}no config key '{key}'{hint}"
   if "Traceback" in text or isinstance(error, OSError):  # the last line says what

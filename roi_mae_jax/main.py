@@ -7,7 +7,9 @@ r"""The one entry point: `config.task` picks the job.
 The tasks are listed in tasks.py. Bad input (an unknown task, a missing or
 misspelt key, a bad value, a bad file, a workdir another run holds) is printed
 as one line and the process exits with status 2; a run that has to stop (a
-non-finite loss, a full disk) exits with status 1.
+non-finite loss, a full disk) exits with status 1. Log lines are short (time and
+message, console.py); `--verbose` prints absl's full prefix and the libraries'
+INFO lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from roi_mae_jax import config_validation
+from roi_mae_jax import console
 from roi_mae_jax import errors
 from roi_mae_jax import tasks
 
@@ -27,18 +30,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/show_masks.py[:arg].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
-
-
-class _LibraryChatter:
-  """Drops INFO lines of checkpointing/input libraries; warnings still show."""
-
-  NOISY = ("/orbax/", "/grain/")
-
-  def filter(self, record) -> bool:
-    return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "absl's full log prefix (level, date, thread id, file:line) and the "
+    "libraries' INFO lines (JAX backends, Orbax, Grain).")
 
 
 def main(argv) -> None:
+  console.configure(_VERBOSE.value)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:  # the config file is loaded here, on first use
@@ -51,7 +49,7 @@ def main(argv) -> None:
     raise app.UsageError("--config=configs/NAME.py is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir=DIR is required")
-  logging.get_absl_handler().addFilter(_LibraryChatter())
+  logging.info("task %s, workdir %s", config.get("task"), _WORKDIR.value)
   try:
     tasks.run_task(config, _WORKDIR.value)
   except errors.InputError as e:

@@ -1,7 +1,11 @@
 """Figures a person looks at: orthogonal slices, region colours, mask rasters.
 
-Slices are drawn in neurological convention (subject's right on the right)
-whatever the grid's orientation: volumes are reordered to RAS first.
+Brain maps are drawn by nilearn.plotting: the atlas, masked patches and the
+attribution map over nilearn's MNI152 template (it ships with nilearn), the
+atlas outlines over a prepared frame. Curves, bars, token rasters and the
+reconstruction slices (input, masked input, output of one window) stay
+matplotlib; those slices are in neurological convention (subject's right on
+the right) whatever the grid's orientation: volumes are reordered to RAS first.
 
     fig = show_masks_figure(patch_map, {"roi": sample}, num_time=10,
                             point_mm=(30, -20, 8))
@@ -10,6 +14,7 @@ whatever the grid's orientation: volumes are reordered to RAS first.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -65,59 +70,87 @@ def orthogonal_slices(axes: Sequence[plt.Axes], rgb: np.ndarray, affine: np.ndar
                ha="right", fontsize=8)
 
 
-def _atlas_rgb(on_grid: atlas_lib.Atlas, colours: np.ndarray) -> np.ndarray:
+def _region_cmap(on_grid: atlas_lib.Atlas, colours: np.ndarray) -> mcolors.ListedColormap:
+  """Colour of each label value 0..max id (0 unused: nilearn leaves the background clear)."""
   lookup = np.zeros((int(on_grid.labels.max()) + 1, 3))
   for index, region in enumerate(on_grid.regions):
     lookup[region.id] = colours[index]
-  return lookup[on_grid.labels]
+  return mcolors.ListedColormap(lookup)
+
+
+def roi_on_template(fig: plt.Figure, rect: Sequence[float], labels: np.ndarray,
+                    affine: np.ndarray, cmap: mcolors.ListedColormap,
+                    point_mm: Sequence[float], title: str, bg_img=None,
+                    contours: bool = False):
+  """nilearn's plot_roi of a label volume (0 = clear) over `bg_img` (the MNI template);
+  `contours` draws region outlines only, so the background stays readable."""
+  from nilearn import plotting  # pylint: disable=g-import-not-at-top  (slow import)
+  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
+  axes = fig.add_axes(rect)
+  # Label k takes colour k: bins of width 1 centred on the integers.
+  return plotting.plot_roi(brain_maps.mni_image(labels.astype(np.int16), affine),
+                           bg_img=mni_template() if bg_img is None else bg_img,
+                           cut_coords=tuple(point_mm), display_mode="ortho", axes=axes,
+                           figure=fig, title=title, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5,
+                           alpha=0.85, draw_cross=False, black_bg=True, annotate=True,
+                           colorbar=False, view_type="contours" if contours else "continuous",
+                           dim=0 if contours else "auto")
+
+
+def _row_rects(rows: int, row: int, split: float = 0.62):
+  """(brain panel, side panel) rectangles of figure row `row` of `rows`, top first."""
+  height = 1.0 / rows
+  bottom = 1.0 - (row + 1) * height
+  return ((0.01, bottom + 0.02 * height, split - 0.02, 0.9 * height),
+          (split + 0.09, bottom + 0.22 * height, 0.97 - split - 0.09, 0.62 * height))
 
 
 def show_masks_figure(patch_map, samples: Mapping[str, object], num_time: int,
                       point_mm: Sequence[float], time_chunk: int = 0) -> plt.Figure:
-  """The atlas on its grid, then one row per strategy's sample mask.
+  """The atlas on its grid, then one row per strategy's sample mask, on the MNI template.
 
-  Masked patches take their region's colour, visible brain patches are grey,
-  non-brain patches black. The right column is the token mask (time chunk x
-  brain patch, patches ordered by region): roi and tube make columns, random
-  makes noise, roi_time makes blocks.
+  Masked patches take their region's colour over the template (nilearn); the
+  right column is the token mask (time chunk x brain patch, patches ordered by
+  region; masked in region colours, visible grey): roi and tube make columns,
+  random makes noise, roi_time makes blocks.
   """
   on_grid = patch_map.atlas
   colours = region_colours(on_grid.num_regions)
+  cmap = _region_cmap(on_grid, colours)
   rows = 1 + len(samples)
-  fig, axes = plt.subplots(rows, 4, figsize=(13, 2.9 * rows),
-                           gridspec_kw={"width_ratios": [1.1, 1, 1, 1.6]})
-  axes = np.atleast_2d(axes)
+  fig = plt.figure(figsize=(13, 2.9 * rows))
   affine = on_grid.grid.affine
-  orthogonal_slices(axes[0, :3], _atlas_rgb(on_grid, colours), affine, point_mm,
-                    titles=("AAL3 on grid",) + ("",) * 2)
+  brain_rect, side_rect = _row_rects(rows, 0)
+  roi_on_template(fig, brain_rect, on_grid.labels, affine, cmap, point_mm, "AAL3 on grid")
 
   # Brain patches per system, for the atlas row.
   region = patch_map.brain_region
   systems = [on_grid.regions[r].system if r >= 0 else "mixed" for r in region]
   names, counts = np.unique(systems, return_counts=True)
-  axes[0, 3].barh(names, counts, color="0.35")
-  axes[0, 3].set_title(f"brain patches per system ({patch_map.num_brain_patches} "
-                       f"of {patch_map.num_patches})", fontsize=8)
-  axes[0, 3].tick_params(labelsize=7)
+  bars = fig.add_axes(side_rect)
+  bars.barh(names, counts, color="0.35")
+  bars.set_title(f"brain patches per system ({patch_map.num_brain_patches} "
+                 f"of {patch_map.num_patches})", fontsize=8)
+  bars.tick_params(labelsize=7)
 
   by_region = np.argsort(region, kind="stable")
   patch_rgb = np.where(region[:, None] >= 0, colours[np.maximum(region, 0)], 0.8)
+  # A masked patch's label value: its region's id (mixed patches: none, shown clear).
+  patch_ids = np.array([on_grid.regions[r].id if r >= 0 else 0 for r in region])
   for row, (name, sample) in enumerate(samples.items(), start=1):
     mask = np.asarray(sample.mask).reshape(num_time, patch_map.num_brain_patches)
-    shown = np.where(mask[time_chunk][:, None], patch_rgb, VISIBLE)
-    vol = np.stack([patch_map.to_volume(shown[:, c], fill=BACKGROUND[c])
-                    for c in range(3)], axis=-1)
-    share = mask.mean()
-    orthogonal_slices(axes[row, :3], vol, affine, point_mm,
-                      titles=(f"{name} (chunk {time_chunk})", "", ""))
+    volume = patch_map.to_volume(np.where(mask[time_chunk], patch_ids, 0), fill=0)
+    brain_rect, side_rect = _row_rects(rows, row)
+    roi_on_template(fig, brain_rect, volume, affine, cmap, point_mm,
+                    f"{name}: masked, chunk {time_chunk}")
     raster = np.where(mask[:, by_region, None], patch_rgb[by_region][None], VISIBLE)
-    axes[row, 3].imshow(raster, aspect="auto", interpolation="nearest")
-    axes[row, 3].set_title(f"{name}: {mask.sum()} of {mask.size} tokens masked "
-                           f"({share:.0%})", fontsize=8)
-    axes[row, 3].set_xlabel("brain patch (ordered by region)", fontsize=7)
-    axes[row, 3].set_ylabel("time chunk", fontsize=7)
-    axes[row, 3].tick_params(labelsize=6)
-  fig.tight_layout()
+    ax = fig.add_axes(side_rect)
+    ax.imshow(raster, aspect="auto", interpolation="nearest")
+    ax.set_title(f"{name}: {mask.sum()} of {mask.size} tokens masked "
+                 f"({mask.mean():.0%})", fontsize=8)
+    ax.set_xlabel("brain patch (ordered by region)", fontsize=7)
+    ax.set_ylabel("time chunk", fontsize=7)
+    ax.tick_params(labelsize=6)
   return fig
 
 
@@ -147,17 +180,20 @@ def reconstruction_figure(window: np.ndarray, masked: np.ndarray, reconstruction
 
 def prepared_scan_figure(frame: np.ndarray, on_grid: atlas_lib.Atlas, brain: np.ndarray,
                          point_mm: Sequence[float], title: str) -> plt.Figure:
-  """One prepared frame in grey, then with the atlas over it: checks the alignment."""
-  limits = tuple(np.percentile(frame[brain], [1, 99]))
-  grey = _grey_rgb(frame, brain, limits)
-  colours = _atlas_rgb(on_grid, region_colours(on_grid.num_regions))
-  labelled = (on_grid.labels > 0)[..., None]
-  overlay = np.where(labelled, 0.55 * grey + 0.45 * colours, grey)
-  fig, axes = plt.subplots(2, 3, figsize=(8, 5.2))
+  """One prepared frame alone, then with the atlas over it (nilearn): checks the alignment."""
+  from nilearn import plotting  # pylint: disable=g-import-not-at-top  (slow import)
+  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
   affine = on_grid.grid.affine
-  orthogonal_slices(axes[0], grey, affine, point_mm, titles=(title, "", ""))
-  orthogonal_slices(axes[1], overlay, affine, point_mm, titles=("with AAL3", "", ""))
-  fig.tight_layout()
+  limits = tuple(np.percentile(frame[brain], [1, 99]))
+  scan = brain_maps.mni_image(np.where(brain, frame, limits[0]).astype(np.float32), affine)
+  fig = plt.figure(figsize=(8, 5.6))
+  plotting.plot_anat(scan, cut_coords=tuple(point_mm), display_mode="ortho", figure=fig,
+                     axes=fig.add_axes((0.01, 0.51, 0.98, 0.47)), title=title, vmin=limits[0],
+                     vmax=limits[1], draw_cross=False, dim=0, black_bg=True)
+  colours = region_colours(on_grid.num_regions)
+  roi_on_template(fig, (0.01, 0.02, 0.98, 0.47), on_grid.labels, affine,
+                  _region_cmap(on_grid, colours), point_mm, "with the atlas", bg_img=scan,
+                  contours=True)
   return fig
 
 
@@ -180,12 +216,33 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) 
   return fig
 
 
+@functools.lru_cache(maxsize=1)
+def mni_template():
+  """nilearn's MNI152 T1 template (2 mm); it ships with nilearn, nothing is downloaded."""
+  from nilearn import datasets  # pylint: disable=g-import-not-at-top  (slow import)
+  return datasets.load_mni152_template(resolution=2)
+
+
+def stat_map_on_template(fig: plt.Figure, rect: Sequence[float], volume: np.ndarray,
+                         affine: np.ndarray, point_mm: Sequence[float], title: str,
+                         threshold: float | None = None):
+  """nilearn's plot_stat_map of `volume` over the MNI template, in `rect` of `fig`."""
+  from nilearn import plotting  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
+  axes = fig.add_axes(rect)
+  return plotting.plot_stat_map(brain_maps.mni_image(volume.astype(np.float32), affine),
+                                bg_img=mni_template(), cut_coords=tuple(point_mm),
+                                display_mode="ortho", axes=axes, figure=fig, title=title,
+                                threshold=threshold, colorbar=True, draw_cross=False,
+                                annotate=True, black_bg=True)
+
+
 def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: np.ndarray,
                        affine: np.ndarray, point_mm: Sequence[float]) -> plt.Figure:
-  """Top regions by class contrast (bars coloured by system) and slices of `volume`."""
-  fig = plt.figure(figsize=(11, 6.2))
-  grid = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
-  bars = fig.add_subplot(grid[0, :])
+  """Top regions by class contrast (bars coloured by system) and `volume` on the MNI
+  template (nilearn), voxels under the brain's 75th percentile of |volume| left clear."""
+  fig = plt.figure(figsize=(11, 7.4))
+  bars = fig.add_axes((0.27, 0.47, 0.70, 0.48))
   systems = sorted({r["system"] for r in top_rows})
   colour = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(systems)}
   names = [r["name"] for r in top_rows][::-1]
@@ -197,14 +254,11 @@ def attribution_figure(top_rows: Sequence[Mapping], volume: np.ndarray, brain: n
   bars.set_title(f"top {len(top_rows)} regions for the ADHD logit", fontsize=9)
   handles = [plt.Rectangle((0, 0), 1, 1, color=colour[s]) for s in systems]
   bars.legend(handles, systems, fontsize=6, loc="lower right")
-  top = np.percentile(volume[brain], 99.5) if brain.any() else 1.0
-  level = np.clip(volume / max(top, 1e-12), 0, 1)[..., None]
-  # Overlay: the map in 'hot' over the grey brain, opaque where it is strong.
-  heat = (1 - level) * 0.35 + level * plt.get_cmap("hot")(level[..., 0])[..., :3]
-  heat[~brain] = BACKGROUND
-  axes = [fig.add_subplot(grid[1, i]) for i in range(3)]
-  orthogonal_slices(axes, heat, affine, point_mm, titles=("class contrast", "", ""))
-  fig.tight_layout()
+  inside = np.abs(volume[brain]) if brain.any() else np.zeros(1)
+  threshold = float(np.percentile(inside, 75)) if inside.any() else None
+  stat_map_on_template(fig, (0.02, 0.02, 0.96, 0.36), np.where(brain, volume, 0.0), affine,
+                       point_mm, "ADHD - control (mean signed IG), top quarter of voxels",
+                       threshold)
   return fig
 
 

@@ -8,7 +8,8 @@ r"""Task `prepare`: NIfTI datasets -> ArrayRecord shards that pretraining reads.
 Writes to WORKDIR: shards/ (one ArrayRecord file per scan, one float16 frame
 per record), index.csv (one row per prepared scan), prepare_report.csv (every
 scan file found: used | skipped | ignored, and the reason), dataset.json, atlas_labels.nii.gz
-and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
+and brain_mask.nii.gz (the atlas on the target grid; MNI sform/qform, mm),
+atlas_labels.tsv (its label table: index, name, hemisphere, system), patch_map.csv (which
 AAL3 region each brain patch belongs to), prepared_example.png (the first
 scan with the atlas over it), prepare_summary.json, config.json.
 
@@ -32,11 +33,11 @@ import signal
 import time
 
 import ml_collections
-import nibabel as nib
 import numpy as np
 from absl import logging
 
 from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import brain_maps
 from roi_mae_jax import errors
 from roi_mae_jax import metrics
 from roi_mae_jax import outputs
@@ -54,8 +55,8 @@ REPORT_FILE = "prepare_report.csv"
 EXAMPLE_FIGURE = "prepared_example.png"
 REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason")
 OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
-                "atlas_labels.nii.gz", shards.BRAIN_MASK_FILE, "patch_map.csv",
-                "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
+                "atlas_labels.nii.gz", "atlas_labels.tsv", shards.BRAIN_MASK_FILE,
+                "patch_map.csv", "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -81,10 +82,11 @@ def _clear(workdir: str) -> None:
 
 def _write_atlas_outputs(workdir: str, on_grid: atlas_lib.Atlas, patch_map, brain) -> None:
   affine = on_grid.grid.affine
-  nib.save(nib.Nifti1Image(on_grid.labels.astype(np.int16), affine),
-           os.path.join(workdir, "atlas_labels.nii.gz"))
-  nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine),
-           os.path.join(workdir, shards.BRAIN_MASK_FILE))
+  brain_maps.save_mni(on_grid.labels.astype(np.int16), affine,
+                      os.path.join(workdir, "atlas_labels.nii.gz"), "atlas labels")
+  brain_maps.write_label_table(os.path.join(workdir, "atlas_labels.tsv"), on_grid.regions)
+  brain_maps.save_mni(brain.astype(np.uint8), affine,
+                      os.path.join(workdir, shards.BRAIN_MASK_FILE), "brain mask")
   rows = []
   origins = patch_map.patch_origin_voxels(patch_map.brain_patches)
   centres = on_grid.grid.world_coords(origins + (patch_map.patch_size - 1) / 2.0)

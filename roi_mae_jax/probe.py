@@ -52,8 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   feats = sets["encoder"]
   oof = results.pop("oof")
   outputs.write_json(paths["probe_results.json"], results)
-  table = probing.markdown_table(results, {"encoder": f"encoder ({config.pool})",
-                                           "encoder_jax": f"encoder ({config.pool}), JAX probe"})
+  table = probing.markdown_table(results, {"encoder": f"encoder ({config.pool})"})
   with open(paths["probe_table.md"], "w", encoding="utf-8") as f:
     f.write(f"Linear probe, ADHD vs control: {len(feats.subjects)} subjects, encoder step "
             f"{pre.step} ({pre.config.mask.strategy} masking), pool {config.pool}; baselines "

@@ -51,25 +51,22 @@ def test_fraction(splits: Sequence[splits_lib.Split]) -> float:
 
 def evaluate(sets: Mapping[str, features_lib.SubjectFeatures],
              splits: Sequence[splits_lib.Split], reference: str = "encoder",
-             inner_folds: int = 3, seed: int = 0, jax_probe: Sequence[str] = ()) -> dict:
+             inner_folds: int = 3, seed: int = 0) -> dict:
   """Scores of every feature set on every split, summaries, differences to `reference`.
 
-  `jax_probe` names sets also fitted by the JAX probe (reported as `<name>_jax`).
   Returns {"features": {set: {scheme: metric summaries}}, "splits": {set: {scheme:
   [per-split metrics]}}, "differences": {set: {scheme: {metric: reference - set}}},
   "oof": {set: {scheme: out-of-fold probabilities (first repeat of k-fold, every
   LOSO site)}}}.
   """
   _check_same_subjects(sets)
-  probes = [(name, name, linear_probe.sklearn_probe) for name in sets]
-  probes += [(f"{name}_jax", name, linear_probe.jax_probe) for name in jax_probe]
   per_split: dict[str, dict[str, list]] = {}
   oof: dict[str, dict[str, np.ndarray]] = {}
-  for key, name, fit in probes:
-    x, y = sets[name].features, sets[name].labels
+  for key, feats in sets.items():
+    x, y = feats.features, feats.labels
     for split in splits:
-      probs, c = fit(x[split.train], y[split.train], x[split.test],
-                     inner_folds=inner_folds, seed=seed)
+      probs, c = linear_probe.sklearn_probe(x[split.train], y[split.train], x[split.test],
+                                            inner_folds=inner_folds, seed=seed)
       scores = dict(linear_probe.binary_metrics(y[split.test], probs), C=c, split=split.name)
       per_split.setdefault(key, {}).setdefault(split.scheme, []).append(scores)
       if split.scheme == "loso" or split.name.startswith("seed0/"):
@@ -114,8 +111,7 @@ def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrai
                int((feats.labels == 0).sum()), feats.features.shape[1], feats.windows.mean())
   splits = splits_lib.from_config(config, feats.subjects, feats.labels, feats.sites)
   results = evaluate(sets, splits, reference="encoder", inner_folds=int(config.inner_folds),
-                     seed=int(config.seed),
-                     jax_probe=("encoder",) if config.get("jax_probe") else ())
+                     seed=int(config.seed))
   results["meta"] = {
       "checkpoint": os.path.abspath(config.checkpoint), "step": pre.step,
       "pool": config.pool, "stride": int(config.stride),

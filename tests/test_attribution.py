@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from test_brain_maps import assert_mni_nifti
+from roi_mae_jax import attribution
 from roi_mae_jax import classifier
 from roi_mae_jax import errors
 from roi_mae_jax import integrated_gradients as ig
@@ -68,10 +70,20 @@ def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path):
   summary = json.loads((tmp_path / "attribution_summary.json").read_text())
   assert summary["completeness"]["max_over_mean_delta"] < 0.05 and summary["subjects"] == 48
   assert summary["completeness"]["relative_median"] < 0.05
-  image = nib.load(tmp_path / "attribution_map.nii.gz")
   pre = pretrained_lib.load_pretrained(str(trained_dir))
-  assert image.shape == pre.patch_map.atlas.grid.shape + (4,)
-  np.testing.assert_allclose(image.affine, pre.patch_map.atlas.grid.affine)
+  for name in attribution.MAP_FILES:  # 3D, MNI sform and qform, mm
+    image = assert_mni_nifti(tmp_path / name)
+    assert image.shape == pre.patch_map.atlas.grid.shape
+    np.testing.assert_allclose(image.affine, pre.patch_map.atlas.grid.affine)
+  # The main map goes straight into nilearn, and ranks the regions: |its region means|.
+  from nilearn import plotting
+  display = plotting.plot_stat_map(str(tmp_path / "attribution_map.nii.gz"))
+  display.savefig(str(tmp_path / "stat_map.png"))
+  display.close()
+  difference = np.asarray(nib.load(tmp_path / "attribution_map.nii.gz").dataobj)
+  top = ranked[0]
+  voxels = pre.patch_map.atlas.labels == int(top["id"])
+  assert abs(difference[voxels].mean()) == pytest.approx(float(top["contrast"]), rel=1e-4)
   with open(tmp_path / "attribution_groups.csv", newline="") as f:
     group_table = list(csv.DictReader(f))
   groups = {(r["level"], r["name"]) for r in group_table}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,17 +17,24 @@ from roi_mae_jax.bench import overview
 from tests.conftest import REPO, load_config
 
 
-def _cli(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _cli(*args, cwd=REPO, platforms="cpu"):
+  env = dict(os.environ, JAX_PLATFORMS=platforms)
   return subprocess.run([sys.executable, "-m", "roi_mae_jax.main", *args], cwd=cwd,
                         capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_show_masks_writes_png_and_summary(tmp_path):
   workdir = str(tmp_path / "masks")
+  # No JAX_PLATFORMS: JAX probes every backend, as on a user's machine.
   done = _cli("--config=configs/show_masks.py", f"--workdir={workdir}",
-              "--config.mask.ratio=0.75", "--config.frames=4")
+              "--config.mask.ratio=0.75", "--config.frames=4", platforms="")
   assert done.returncode == 0, done.stderr
+  # Short log lines (time + message), no absl prefix, no backend chatter.
+  short = [l for l in done.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d \S", l)]
+  assert short[0].endswith(f"task show_masks, workdir {workdir}"), done.stderr
+  assert any(" grid 40x48x44 at 4x4x4 mm" in l for l in short), done.stderr
+  assert not re.search(r"^[IWE]\d{4} ", done.stderr, re.M), done.stderr
+  assert "Unable to initialize backend" not in done.stderr
   png = os.path.join(workdir, "masks.png")
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -39,8 +47,10 @@ def test_show_masks_writes_png_and_summary(tmp_path):
   assert roi["regions"]["partial"] <= 1 and roi["regions"]["whole"] > 10
   assert roi["masked_tokens"] == pytest.approx(0.75 * summary["tokens_brain"], abs=4)
 
-  again = _cli("--config=configs/show_masks.py", f"--workdir={workdir}")
+  again = _cli("--config=configs/show_masks.py", f"--workdir={workdir}", "--verbose")
   assert again.returncode == 2
+  assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ main\.py:\d+\] task show_masks",
+                   again.stderr, re.M), again.stderr
   assert "already exist" in again.stderr and "overwrite=True" in again.stderr
   assert "Traceback" not in again.stderr
 

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import brain_maps
 from roi_mae_jax import errors
 from roi_mae_jax import grids
 from roi_mae_jax import patches as patches_lib
@@ -274,11 +275,8 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
     volume, affine = data.run(s.index), data.grid.affine
     if orientation:
       volume, affine = _reorient(volume, affine, orientation)
-    image = nib.Nifti1Image(volume, affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.header["pixdim"][4] = s.site.tr
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    nib.save(image, path)
+    brain_maps.save_mni(volume, affine, path, "synthetic resting-state run", tr=s.site.tr)
     rng = np.random.default_rng([data.seed, 0x77, s.index])
     rows.setdefault(s.site.name, []).append(
         [s.subject_id, s.site.name, int(rng.integers(0, 2)), round(float(rng.uniform(7, 18)), 2),

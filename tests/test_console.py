@@ -1,0 +1,48 @@
+"""Console lines: short by default, absl's full prefix with verbose, no library chatter."""
+
+import logging as std_logging
+import re
+
+from absl import logging
+
+from roi_mae_jax import console
+
+
+def _record(name, level, path, message):
+  return std_logging.LogRecord(name, level, path, 12, message, None, None)
+
+
+def _printed(records, verbose, capsys):
+  """What absl's handler prints (to stderr: flags are not parsed under pytest)."""
+  handler = logging.get_absl_handler()
+  capsys.readouterr()
+  try:
+    console.configure(verbose)
+    for record in records:
+      handler.handle(record)
+    return [l for l in capsys.readouterr().err.splitlines() if "before flag parsing" not in l]
+  finally:
+    console.configure(False)
+
+
+RECORDS = [
+    _record("absl", std_logging.INFO, "/src/roi_mae_jax/train.py", "step 10/300 | eta 1m"),
+    _record("jax._src.xla_bridge", std_logging.INFO, "/site/jax/_src/xla_bridge.py",
+            "Unable to initialize backend 'tpu': INTERNAL"),
+    _record("absl", std_logging.INFO, "/site/orbax/checkpoint/manager.py", "saving step 2"),
+    _record("absl", std_logging.WARNING, "/site/orbax/checkpoint/manager.py", "disk slow"),
+]
+
+
+def test_short_lines_drop_library_info_but_keep_warnings(capsys):
+  lines = _printed(RECORDS, False, capsys)
+  assert len(lines) == 2, lines
+  assert re.fullmatch(r"\d\d:\d\d:\d\d step 10/300 \| eta 1m", lines[0])
+  assert re.fullmatch(r"\d\d:\d\d:\d\d warning: disk slow", lines[1])
+
+
+def test_verbose_restores_the_absl_prefix_and_every_line(capsys):
+  lines = _printed(RECORDS, True, capsys)
+  assert len(lines) == 4, lines
+  assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ train\.py:12\] step 10/300", lines[0])
+  assert "Unable to initialize backend 'tpu'" in lines[1]
