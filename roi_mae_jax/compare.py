@@ -11,7 +11,7 @@ For each strategy and seed: pretrain (`config.pretrain`, its seed and masking
 replaced), probe the frozen encoder (`config.probe`) on subject splits that are
 the same for every run, optionally fine-tune (`config.finetune`) and attribute
 (`config.attribute`: attribution by system and reconstruction by region). The
-evaluations are the library's (probing, finetuning, attribution.explain); the
+evaluations are the library's (probing, finetuning, region_attribution.explain); the
 table is composed from the dicts they return. Each run lives in
 WORKDIR/runs/<strategy>/seed<s>/: pretrain/ (checkpoints; an interrupted
 pretraining resumes) and results.json (each evaluation's dict, kept as soon as
@@ -35,7 +35,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from roi_mae_jax import attribution
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import config_lib
 from roi_mae_jax import errors
@@ -46,6 +45,7 @@ from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
+from roi_mae_jax import region_attribution
 from roi_mae_jax import tasks
 from roi_mae_jax import train
 from roi_mae_jax.data import sources
@@ -147,7 +147,7 @@ def evaluate_run(config: ml_collections.ConfigDict, evaluation: str,
 
   probe: probing.probe_encoder's results (without the out-of-fold arrays);
   finetune: finetuning.FineTuning's cross-validation; attribute: the groups,
-  reconstruction rows and summary of attribution.explain.
+  reconstruction rows and summary of region_attribution.explain.
   """
   if evaluation == "probe":
     # The classical baselines do not depend on the strategy (init is the seed's
@@ -163,7 +163,8 @@ def evaluate_run(config: ml_collections.ConfigDict, evaluation: str,
     return finetuning.FineTuning(block, pre, sources.downstream_source(
         pre.config, block.data)).cross_validate()
   block = _downstream(config.attribute, checkpoint)
-  result = attribution.explain(block, pre, sources.downstream_source(pre.config, block.data))
+  result = region_attribution.explain(block, pre,
+                                      sources.downstream_source(pre.config, block.data))
   return {key: result[key] for key in ("groups", "reconstruction", "summary")}
 
 
