@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import multiprocessing
 import os
 import resource
@@ -193,6 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   patch_map = patches_lib.patch_map_from_config(config)
   job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
                                     config.normalise)
+  _check_earlier_dataset(workdir, job.info)
   outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
                      dict(job.info.to_json(), atlas=on_grid.source))
   brain = np.zeros(on_grid.grid.shape, bool)
@@ -273,6 +275,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                    config.get("figure_point_mm", (30.0, -20.0, 8.0)),
                                    title=f"{first.rows[0]['scan']}, frame 0")
   plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
+
+
+def _check_earlier_dataset(workdir: str, info: shards.DatasetInfo) -> None:
+  """Refuses to resume onto shards made for another grid, crop or atlas.
+
+  The config can be the same while the atlas on the grid is not (another
+  atlas file, or a change in how it is resampled): the finished shards then
+  hold another brain than brain_mask.nii.gz would.
+  """
+  path = os.path.join(workdir, shards.DATASET_FILE)
+  finished = shards.finished_rows(workdir)
+  if not finished or not os.path.exists(path):
+    return
+  earlier = shards.read_info(workdir)
+  if earlier == info:
+    return
+  changed = [f.name for f in dataclasses.fields(info)
+             if getattr(earlier, f.name) != getattr(info, f.name)]
+  raise errors.InputError(
+      f"{path}: the {len(finished)} scans prepared earlier in {workdir} were made for another "
+      f"{', '.join(changed)} (the atlas or its resampling onto the grid changed); they do not "
+      "fit this run: pass --config.overwrite=True to prepare them again")
 
 
 def _reusable(workdir: str, entries) -> tuple[dict[str, dict], dict[str, str]]:

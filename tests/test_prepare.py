@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -183,6 +184,15 @@ def test_other_settings_are_refused_unless_overwrite(athena_dir, tmp_path):
   workdir = str(tmp_path / "out")
   tasks.run_task(prepare_config(root), workdir)
   before = _index(workdir)
+  # The same config over shards made with another atlas on the grid (an earlier
+  # resampling wrote no fingerprint): refused, nothing touched.
+  info_path = os.path.join(workdir, shards.DATASET_FILE)
+  info = json.loads(open(info_path).read())
+  del info["atlas_sha1"]
+  open(info_path, "w").write(json.dumps(info))
+  with pytest.raises(errors.InputError, match=r"dataset.json: the 2 scans .* another atlas_sha1"):
+    tasks.run_task(prepare_config(root), workdir)
+  assert _index(workdir) == before
   with pytest.raises(errors.InputError, match="different settings"):
     tasks.run_task(prepare_config(root, normalise="voxel"), workdir)
   assert _index(workdir) == before

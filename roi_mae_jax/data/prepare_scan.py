@@ -12,6 +12,7 @@ x 4 bytes), never more than one scan per worker.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -44,7 +45,8 @@ class ScanJob:
     info = shards.DatasetInfo(
         grid_shape=grid.shape, affine=tuple(float(v) for v in grid.affine.ravel()),
         crop_start=tuple(int(s) for s in start), crop_shape=tuple(int(s) for s in stop - start),
-        tr=rules.target_tr, normalise=normalise)
+        tr=rules.target_tr, normalise=normalise,
+        atlas_sha1=hashlib.sha1(np.ascontiguousarray(on_grid.labels, np.int32)).hexdigest())
     return cls(rules, info, grid.world_coords(voxels), tuple((voxels - start).T))
 
   @property

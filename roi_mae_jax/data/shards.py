@@ -54,6 +54,9 @@ class DatasetInfo:
   tr: float
   normalise: str
   dtype: str = "float16"
+  # sha1 of the atlas labels on the grid: shards hold its brain, so a changed
+  # atlas (file or resampling) means they no longer fit.
+  atlas_sha1: str = ""
 
   @property
   def grid(self) -> grids.Grid:
