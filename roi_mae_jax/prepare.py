@@ -12,6 +12,12 @@ and brain_mask.nii.gz (the atlas on the target grid), patch_map.csv (which
 AAL3 region each brain patch belongs to), prepared_example.png (the first
 scan with the atlas over it), prepare_summary.json, config.json.
 
+Scans that are not denoised yet are denoised (`config.denoise`, see
+roi_mae_jax/data/denoise.py): fMRIPrep confounds through nilearn's
+load_confounds_strategy, nilearn ADHD regressors, detrending and band-pass
+through nilearn.signal.clean; the Athena sfnwmrda files are left as they
+are. index.csv and the report say per scan what was applied.
+
 Bad scans are reported and skipped; the run fails (exit status 2) only when
 no scan is usable. Re-running the same command resumes: finished scans are
 kept, unfinished ones redone. Different settings in the same WORKDIR are
@@ -45,6 +51,7 @@ from roi_mae_jax import metrics
 from roi_mae_jax import outputs
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import plots
+from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
@@ -55,7 +62,7 @@ REQUIRED_KEYS = ("source", "grid.voxel_size_mm", "patches.size", "frames", "tr",
 RESUMABLE_CHANGES = ("workers", "overwrite", "fault_kill_after_scans")
 REPORT_FILE = "prepare_report.csv"
 EXAMPLE_FIGURE = "prepared_example.png"
-REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason")
+REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason", "denoise")
 OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
                 "atlas_labels.nii.gz", shards.BRAIN_MASK_FILE, "patch_map.csv",
                 "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
@@ -193,7 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
   patch_map = patches_lib.patch_map_from_config(config)
   job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
-                                    config.normalise)
+                                    config.normalise,
+                                    denoise.DenoiseRules.from_config(config.denoise))
   _check_earlier_dataset(workdir, job.info)
   outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
                      dict(job.info.to_json(), atlas=on_grid.source))
@@ -218,7 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   for e in entries:
     if e.scan in finished:
       reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
-      report[e.scan] = dict(_report_row(e), status="used", reason=reason)
+      report[e.scan] = dict(_report_row(e), status="used", reason=reason,
+                            denoise=finished[e.scan].get("denoise", ""))
   # Labels and sites come from the tables as they are now, not as they were.
   used = {e.scan: dict(finished[e.scan], subject=e.subject, site=e.site, label=e.label)
           for e in entries if e.scan in finished}
@@ -231,7 +240,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       used[entry.scan] = payload
       report[entry.scan] = dict(_report_row(entry), status="used",
                                 reason="; ".join(filter(None, [redone.get(entry.scan),
-                                                               entry.note])))
+                                                               entry.note])),
+                                denoise=payload["denoise"])
     else:
       report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
       logging.warning("skipped %s: %s", entry.path, payload)
@@ -261,7 +271,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                               "largest_worker": round(worker_peak, 1)},
              "labels": {"adhd": labels.count(1), "control": labels.count(0),
                         "unlabelled": labels.count(-1)},
-             "frames": int(sum(int(r["frames"]) for r in rows))}
+             "frames": int(sum(int(r["frames"]) for r in rows)),
+             "denoise": {"with_confounds": sum(bool(r.get("confounds")) for r in rows),
+                         "detrended_or_filtered": sum(
+                             str(r.get("detrend")) == "True" or bool(r.get("high_pass_hz")) or
+                             bool(r.get("low_pass_hz")) for r in rows),
+                         "untouched": sum(str(r.get("denoise", "")).startswith("none")
+                                          for r in rows)}}
   outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
   logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped, %d other "
                "files ignored; report: %s", len(rows), labels.count(1), labels.count(0),
