@@ -423,3 +423,20 @@ def test_denoise_settings_are_checked_before_anything_runs(tmp_path):
                "config.denoise.high_pass = 0.2 must be below config.denoise.low_pass = 0.1"):
     assert part in str(raised.value)
   assert not (tmp_path / "out" / "index.csv").exists()
+
+
+def test_denoise_clean_is_nilearns_clean_on_the_rows_with_data():
+  """The vectorised filter gives nilearn.signal.clean's own result; rows without data stay 0."""
+  from nilearn import signal
+  rng = np.random.default_rng(0)
+  values = (100 + rng.standard_normal((40, DENOISE_FRAMES))).astype(np.float32)
+  regressors = rng.standard_normal((DENOISE_FRAMES, 3))
+  rows = np.arange(0, 40, 2)
+  plan = denoise.plan_for("/d/sub-01_task-rest_desc-preproc_bold.nii.gz", denoise.DenoiseRules())
+  out = denoise.clean(values, rows, DENOISE_TR, plan, denoise.Confounds(regressors, "", 2))
+  expected = signal.clean(values[rows, 2:].T.astype(np.float64), detrend=True,
+                          standardize=denoise._no_standardize(), confounds=regressors[2:],
+                          filter="butterworth", high_pass=0.01, low_pass=0.1, t_r=DENOISE_TR).T
+  assert out.shape == (40, DENOISE_FRAMES - 2)
+  np.testing.assert_allclose(out[rows], expected, atol=1e-5)
+  assert not out[1::2].any()

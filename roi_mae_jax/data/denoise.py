@@ -244,7 +244,7 @@ def clean(values: np.ndarray, rows: np.ndarray, tr: float, plan: Plan,
         values[block, drop:].T, detrend=plan.filter and plan.rules.detrend,
         standardize=_no_standardize(), confounds=regressors,
         filter="butterworth" if (high or low) else False, high_pass=high, low_pass=low,
-        t_r=tr).T
+        t_r=tr, butterworth__copy=True).T  # copy: one vectorised filter, not one per voxel
   return out
 
 
