@@ -116,6 +116,11 @@ def test_overlap_vote_weighs_the_centre_and_breaks_ties_toward_it():
   assert atlas_lib.resample_labels(swapped.astype(np.int16), source, target)[0, 0, 0] == 5
 
 
+@pytest.mark.parametrize("affine", [
+    np.diag([2.0, 2, 2, 1]),                                      # whole-voxel ratio
+    np.array([[-3.0, 0, 0, 40.3], [0, 2.5, 0, -0.7], [0, 0, 1.5, 2.2], [0, 0, 0, 1]]),
+    np.array([[0, 2.0, 0, 1.0], [-2.0, 0, 0, 30.0], [0, 0, 2.0, 0.5], [0, 0, 0, 1]]),
+])
 def test_overlap_vote_matches_a_brute_force_count(affine):
   """Exact overlaps against counting 1 mm labels at a fine lattice inside each voxel."""
   rng = np.random.default_rng(0)

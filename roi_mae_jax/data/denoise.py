@@ -7,17 +7,17 @@
 
 Which files get what (`denoise.apply = 'auto'`, decided by file name):
 
-| file                                   | confounds                                 | filter |
-|----------------------------------------|-------------------------------------------|--------|
-| fMRIPrep `*desc-preproc_bold.nii*`     | `load_confounds_strategy(denoise.strategy)` | yes  |
-| nilearn ADHD `*_rest_tshift_RPI_voreg_mni.nii*` | `<ID>_regressors.csv` beside it  | yes    |
-| Athena `sfnwmrda*`                     | none: already nuisance-regressed and band-passed | no |
-| Athena `snwmrda*`                      | none: already nuisance-regressed          | yes    |
-| anything else (a manifest)             | none                                      | no     |
+| file                                            | confounds                                | filter |
+|-------------------------------------------------|------------------------------------------|--------|
+| fMRIPrep `*desc-preproc_bold.nii*`              | load_confounds_strategy(denoise.strategy) | yes   |
+| nilearn ADHD `*_rest_tshift_RPI_voreg_mni.nii*` | `<ID>_regressors.csv` beside it          | yes    |
+| Athena `sfnwmrda*`                              | none: already regressed and band-passed  | no     |
+| Athena `snwmrda*`                               | none: already nuisance-regressed         | yes    |
+| anything else (a manifest)                      | none                                     | no     |
 
 'filter' is detrending (`denoise.detrend`) and the band `denoise.high_pass` -
-`denoise.low_pass` Hz (0: that side open). `apply = 'on'` filters every file
-(confounds where the table has them) and `'off'` leaves every file as it is.
+`denoise.low_pass` Hz (0: that side open). `apply = 'on'` filters the files
+marked no as well (still without confounds); `'off'` leaves every file as it is.
 All of it is one `nilearn.signal.clean` call (confounds regressed orthogonally
 to the filter, as nilearn does) at the scan's own TR, before the resampling
 to the common TR; it runs on the brain voxels only, a block of voxels at a
