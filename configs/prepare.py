@@ -35,8 +35,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.label_values = "0=0,1=1,2=1,3=1"
   config.label_column = ""          # fmriprep: the participants.tsv column with the label
   config.site_column = "site"       # fmriprep: the participants.tsv column with the site
+  config.space = ""                 # fmriprep: the template, e.g. MNI152NLin2009cAsym (needed
+                                    # when a run has several; may add _res-2)
   config.qc_column = "QC_Rest_1"    # adhd200: rows with 0 here are skipped ('' keeps all)
   config.require_label = False      # True: skip unlabelled scans
+  # Denoising (see roi_mae_jax/data/denoise.py), at each scan's own TR.
+  config.denoise = ml_collections.ConfigDict()
+  config.denoise.apply = "auto"     # auto: by file name (Athena sfnwmrda: off) | on | off
+  config.denoise.strategy = "simple"  # fMRIPrep: nilearn load_confounds_strategy preset
+  config.denoise.detrend = True     # linear detrend
+  config.denoise.high_pass = 0.01   # Hz (0: none)
+  config.denoise.low_pass = 0.1     # Hz (0: none; at or above Nyquist: none)
   # Checks (see roi_mae_jax/data/nifti.py)
   config.max_oblique_degrees = 1.0
   config.min_coverage = 0.9         # share of the MNI brain inside the field of view

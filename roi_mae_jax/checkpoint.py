@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -192,6 +193,14 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except ValueError as e:
+      shapes = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored "
+                         r"shape: (\(.*?\))", str(e))
+      if shapes:  # not damage: a model of other sizes
+        raise errors.InputError(
+            f"the checkpoint of step {step} in {self.directory} holds a parameter of shape "
+            f"{shapes.group(2)} where this model has {shapes.group(1)}: the model, grid, "
+            "patch size or the atlas on the grid (one position per brain patch) differ from "
+            "when it was written; use those settings, or pretrain again") from None
       if "tree structures do not match" not in str(e):
         raise
       where = str(e).splitlines()[1].rstrip(":") if "\n" in str(e) else ""

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import ml_collections
 
 from roi_mae_jax import errors
+from roi_mae_jax.data import denoise
 
 
 def _whole(minimum: int) -> tuple[Callable[[Any], bool], str]:
@@ -30,6 +31,8 @@ def _positive_number(v: Any) -> bool:
 
 
 _POSITIVE = (_positive_number, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: _positive_number(v) or (v == 0 and not isinstance(v, bool)),
+                 "a finite number >= 0 (0: none)")
 _RATIO = (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "between 0 and 1 (exclusive)")
 
 # key (last dotted parts) -> (check, what it must be)
@@ -65,6 +68,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "grid.voxel_size_mm": _POSITIVE,
     "tr": _POSITIVE,
     "mask.ratio": _RATIO,
+    "denoise.apply": (lambda v: v in denoise.APPLY,
+                      "one of " + ", ".join(map(repr, denoise.APPLY))),
+    "denoise.strategy": (lambda v: v in denoise.STRATEGIES,
+                         "one of nilearn's load_confounds_strategy presets that read fMRIPrep's "
+                         "desc-preproc_bold files: " + ", ".join(map(repr, denoise.STRATEGIES))),
+    "denoise.detrend": (lambda v: isinstance(v, bool), "True or False"),
+    "denoise.high_pass": _NON_NEGATIVE,
+    "denoise.low_pass": _NON_NEGATIVE,
+    "space": (lambda v: isinstance(v, str) and " " not in v and "space-" not in v,
+              "a template name as in fMRIPrep's space- entity, e.g. 'MNI152NLin2009cAsym' "
+              "(or '' when each run has one space)"),
 }
 
 # Keys earlier versions had: an old config that sets one gets why, not a silent no-op.
@@ -95,6 +109,12 @@ def _rule_for(path: str):
 def _block_problems(block: ml_collections.ConfigDict, prefix: str) -> list[str]:
   """Checks that tie keys together, for one block that trains (has total_steps)."""
   problems = []
+  band = block.get("denoise")
+  if isinstance(band, ml_collections.ConfigDict):
+    high, low = band.get("high_pass"), band.get("low_pass")
+    if _positive_number(high) and _positive_number(low) and high >= low:
+      problems.append(f"config.{prefix}denoise.high_pass = {high} must be below "
+                      f"config.{prefix}denoise.low_pass = {low} (Hz; 0 leaves a side open)")
   data = block.get("data")
   frames = block.get("frames")
   if isinstance(data, ml_collections.ConfigDict) and not data.get("shards") and \

@@ -13,6 +13,12 @@ atlas_labels.tsv (its label table: index, name, hemisphere, system), patch_map.c
 AAL3 region each brain patch belongs to), prepared_example.png (the first
 scan with the atlas over it), prepare_summary.json, config.json.
 
+Scans that are not denoised yet are denoised (`config.denoise`, see
+roi_mae_jax/data/denoise.py): fMRIPrep confounds through nilearn's
+load_confounds_strategy, nilearn ADHD regressors, detrending and band-pass
+through nilearn.signal.clean; the Athena sfnwmrda files are left as they
+are. index.csv and the report say per scan what was applied.
+
 Bad scans are reported and skipped; the run fails (exit status 2) only when
 no scan is usable. Re-running the same command resumes: finished scans are
 kept, unfinished ones redone. Different settings in the same WORKDIR are
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -43,6 +50,7 @@ from roi_mae_jax import metrics
 from roi_mae_jax import outputs
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import plots
+from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
@@ -53,7 +61,7 @@ REQUIRED_KEYS = ("source", "grid.voxel_size_mm", "patches.size", "frames", "tr",
 RESUMABLE_CHANGES = ("workers", "overwrite", "fault_kill_after_scans")
 REPORT_FILE = "prepare_report.csv"
 EXAMPLE_FIGURE = "prepared_example.png"
-REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason")
+REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason", "denoise")
 OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
                 "atlas_labels.nii.gz", "atlas_labels.tsv", shards.BRAIN_MASK_FILE,
                 "patch_map.csv", "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
@@ -175,7 +183,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
   patch_map = patches_lib.patch_map_from_config(config)
   job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
-                                    config.normalise)
+                                    config.normalise,
+                                    denoise.DenoiseRules.from_config(config.denoise))
+  _check_earlier_dataset(workdir, job.info)
   outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
                      dict(job.info.to_json(), atlas=on_grid.source))
   brain = np.zeros(on_grid.grid.shape, bool)
@@ -199,7 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   for e in entries:
     if e.scan in finished:
       reason = "; ".join(filter(None, ["prepared in an earlier run", e.note]))
-      report[e.scan] = dict(_report_row(e), status="used", reason=reason)
+      report[e.scan] = dict(_report_row(e), status="used", reason=reason,
+                            denoise=finished[e.scan].get("denoise", ""))
   # Labels and sites come from the tables as they are now, not as they were.
   used = {e.scan: dict(finished[e.scan], subject=e.subject, site=e.site, label=e.label)
           for e in entries if e.scan in finished}
@@ -212,7 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       used[entry.scan] = payload
       report[entry.scan] = dict(_report_row(entry), status="used",
                                 reason="; ".join(filter(None, [redone.get(entry.scan),
-                                                               entry.note])))
+                                                               entry.note])),
+                                denoise=payload["denoise"])
     else:
       report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
       logging.warning("skipped %s: %s", entry.path, payload)
@@ -242,7 +254,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                               "largest_worker": round(worker_peak, 1)},
              "labels": {"adhd": labels.count(1), "control": labels.count(0),
                         "unlabelled": labels.count(-1)},
-             "frames": int(sum(int(r["frames"]) for r in rows))}
+             "frames": int(sum(int(r["frames"]) for r in rows)),
+             "denoise": {"with_confounds": sum(bool(r.get("confounds")) for r in rows),
+                         "detrended_or_filtered": sum(
+                             str(r.get("detrend")) == "True" or bool(r.get("high_pass_hz")) or
+                             bool(r.get("low_pass_hz")) for r in rows),
+                         "untouched": sum(str(r.get("denoise", "")).startswith("none")
+                                          for r in rows)}}
   outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
   logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped, %d other "
                "files ignored; report: %s", len(rows), labels.count(1), labels.count(0),
@@ -256,6 +274,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                    config.get("figure_point_mm", (30.0, -20.0, 8.0)),
                                    title=f"{first.rows[0]['scan']}, frame 0")
   plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
+
+
+def _check_earlier_dataset(workdir: str, info: shards.DatasetInfo) -> None:
+  """Refuses to resume onto shards made for another grid, crop or atlas.
+
+  The config can be the same while the atlas on the grid is not (another
+  atlas file, or a change in how it is resampled): the finished shards then
+  hold another brain than brain_mask.nii.gz would.
+  """
+  path = os.path.join(workdir, shards.DATASET_FILE)
+  finished = shards.finished_rows(workdir)
+  if not finished or not os.path.exists(path):
+    return
+  earlier = shards.read_info(workdir)
+  if earlier == info:
+    return
+  changed = [f.name for f in dataclasses.fields(info)
+             if getattr(earlier, f.name) != getattr(info, f.name)]
+  raise errors.InputError(
+      f"{path}: the {len(finished)} scans prepared earlier in {workdir} were made for another "
+      f"{', '.join(changed)} (the atlas or its resampling onto the grid changed); they do not "
+      "fit this run: pass --config.overwrite=True to prepare them again")
 
 
 def _reusable(workdir: str, entries) -> tuple[dict[str, dict], dict[str, str]]:

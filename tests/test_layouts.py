@@ -51,11 +51,26 @@ def test_fmriprep_layout_reads_participants_and_sidecar_tr(scan_files, tmp_path)
       "participant_id\tdiagnosis\tsite\nsub-01\tADHD\tA\nsub-02\tTD\tB\n")
   config = prepare_config(tmp_path, source="fmriprep", label_column="diagnosis",
                           label_values="ADHD=1,TD=0")
+  # sub-01 has the run in two templates: which one must not depend on sort order.
+  with pytest.raises(errors.InputError, match=r"1 fMRIPrep runs have several candidate files: "
+                     r".*sub-01_task-rest_space-MNI152NLin2009cAsym_res-2_desc-preproc_bold"
+                     r".*sub-01_task-rest_space-MNI152NLin6Asym_desc-preproc_bold.*config.space"):
+    layouts.find_scans(config)
+  config.space = "MNI152NLin2009cAsym"
   entries, skipped = layouts.find_scans(config)
   assert [e.subject for e in entries] == ["sub-01", "sub-02"]  # no n-back
   assert [(e.label, e.site) for e in entries] == [(1, "A"), (0, "B")]
+  assert "space-MNI152NLin2009cAsym_res-2" in entries[0].path
   assert entries[0].tr is None and entries[1].tr == 2.5
-  assert len(skipped) == 1 and "another space" in skipped[0].reason
+  assert [(s.status, os.path.basename(s.path)) for s in skipped] == [
+      ("ignored", "sub-01_task-rest_space-MNI152NLin6Asym_desc-preproc_bold.nii.gz")]
+  config.space = "MNI152NLin6Asym"  # sub-02 has no such file: skipped, saying what it has
+  entries, skipped = layouts.find_scans(config)
+  assert [os.path.basename(e.path) for e in entries] == [
+      "sub-01_task-rest_space-MNI152NLin6Asym_desc-preproc_bold.nii.gz"]
+  [missing] = [s for s in skipped if s.status == "skipped"]
+  assert missing.subject == "sub-02" and "no space-MNI152NLin6Asym file for this run (found " \
+      f"sub-02_ses-1_task-rest_run-1_{func}.nii.gz)" in missing.reason
 
 
 def test_manifest_prepares_with_given_tr(scan_files, tmp_path):

@@ -1,7 +1,9 @@
 """Task prepare: ADHD-200 files in LAS, bad input reported per scan, resume, overwrite."""
 
 import csv
+import dataclasses
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,9 @@ from conftest import REPO, prepare_config
 from roi_mae_jax import errors
 from roi_mae_jax import tasks
 from roi_mae_jax import prepare
+from roi_mae_jax.data import denoise
+from roi_mae_jax.data import layouts
+from roi_mae_jax.data import nifti
 from roi_mae_jax.data import shards
 
 
@@ -183,6 +188,15 @@ def test_other_settings_are_refused_unless_overwrite(athena_dir, tmp_path):
   workdir = str(tmp_path / "out")
   tasks.run_task(prepare_config(root), workdir)
   before = _index(workdir)
+  # The same config over shards made with another atlas on the grid (an earlier
+  # resampling wrote no fingerprint): refused, nothing touched.
+  info_path = os.path.join(workdir, shards.DATASET_FILE)
+  info = json.loads(open(info_path).read())
+  del info["atlas_sha1"]
+  open(info_path, "w").write(json.dumps(info))
+  with pytest.raises(errors.InputError, match=r"dataset.json: the 2 scans .* another atlas_sha1"):
+    tasks.run_task(prepare_config(root), workdir)
+  assert _index(workdir) == before
   with pytest.raises(errors.InputError, match="different settings"):
     tasks.run_task(prepare_config(root, normalise="voxel"), workdir)
   assert _index(workdir) == before
@@ -199,9 +213,232 @@ def test_gzip_error_types_are_named(tmp_path):
   path = tmp_path / "x.nii.gz"
   with gzip.open(path, "wb") as f:
     f.write(b"not a nifti header at all" * 20)
-  from roi_mae_jax.data import nifti
   rules = nifti.ScanRules(target_tr=2.0, min_frames=4)
   with pytest.raises(nifti.ScanRejected, match="not a readable NIfTI"):
     nifti.open_scan(str(path), rules, np.zeros((1, 3)))
   with pytest.raises(nifti.ScanRejected, match="missing file"):
     nifti.open_scan(str(tmp_path / "absent.nii.gz"), rules, np.zeros((1, 3)))
+
+
+# --- Denoising ------------------------------------------------------------------
+
+DENOISE_TR, DENOISE_FRAMES = 2.0, 80
+
+
+def _denoise_signals(seed=0):
+  """(confound, in-band sine, 0.2 Hz sine, run) on an 8 mm MNI grid: every voxel mixes them."""
+  from roi_mae_jax import grids
+  rng = np.random.default_rng(seed)
+  t = np.arange(DENOISE_FRAMES) * DENOISE_TR
+  confound = np.sin(2 * np.pi * 0.03125 * t + 1.0) + 0.7 * np.sin(2 * np.pi * 0.0625 * t)
+  kept, fast = np.sin(2 * np.pi * 0.05 * t), np.sin(2 * np.pi * 0.2 * t)
+  grid = grids.mni_grid(8.0)
+  shape = grid.shape
+  gains = [rng.uniform(1, 2, shape + (1,)) for _ in range(3)]
+  run = (100 + gains[0] * confound + gains[1] * kept + gains[2] * fast +
+         0.05 * rng.standard_normal(shape + (DENOISE_FRAMES,)))
+  return confound, kept, fast, run, grid.affine
+
+
+def _drift(frames, rng):
+  """(frames, 6) slow linear head drift (mm / rad)."""
+  return np.outer(np.arange(frames), rng.uniform(-1e-3, 1e-3, 6))
+
+
+def _fmriprep_confounds_tsv(path, confound, rng, **extra):
+  """fMRIPrep's columns for the 'simple' strategy (and `extra`); `confound` planted as csf."""
+  columns = {}
+  # Slow head drift: random motion columns would, 24 of them in 80 frames, take most of
+  # the band with them.
+  drift = _drift(len(confound), rng)
+  for base, v in zip(("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"), drift.T):
+    d = np.r_[np.nan, np.diff(v)]
+    columns.update({base: v, f"{base}_derivative1": d, f"{base}_power2": v ** 2,
+                    f"{base}_derivative1_power2": d ** 2})
+  columns.update(white_matter=drift[:, 0] ** 3, csf=confound,
+                 non_steady_state_outlier00=np.eye(len(confound))[0], **extra)
+  with open(path, "w") as f:
+    f.write("\t".join(columns) + "\n")
+    for t in range(len(confound)):
+      f.write("\t".join("n/a" if np.isnan(c[t]) else f"{c[t]:.6g}" for c in columns.values())
+              + "\n")
+  with open(path.replace(".tsv", ".json"), "w") as f:
+    json.dump({"csf": {"Method": "Mean"}}, f)
+
+
+@pytest.fixture(scope="module")
+def denoise_layouts(tmp_path_factory):
+  """One run in three layouts: fMRIPrep (+ confounds tsv/json), nilearn ADHD (+ regressors
+  csv; a second subject without one), Athena sfnwmrda."""
+  root = tmp_path_factory.mktemp("denoise")
+  confound, kept, fast, run, affine = _denoise_signals()
+  rng = np.random.default_rng(1)
+  func = root / "fmriprep" / "sub-01" / "func"
+  bold = str(func / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz")
+  _write(bold, run, affine, DENOISE_TR)
+  (func / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.json").write_text(
+      json.dumps({"RepetitionTime": DENOISE_TR}))
+  _fmriprep_confounds_tsv(str(func / "sub-01_task-rest_desc-confounds_timeseries.tsv"),
+                          confound, rng)
+  nilearn_root = root / "nilearn"
+  for sid in ("0010042", "0010064"):
+    _write(str(nilearn_root / "data" / sid / f"{sid}_rest_tshift_RPI_voreg_mni.nii.gz"), run,
+           affine, DENOISE_TR)
+  motion = _drift(DENOISE_FRAMES, rng)
+  with open(nilearn_root / "data" / "0010042" / "0010042_regressors.csv", "w") as f:
+    f.write("\t".join(["csf", "wm"] + [f"motion-{m}" for m in ("pitch", "roll", "yaw", "x", "y",
+                                                              "z")]) + "\n")
+    for t in range(DENOISE_FRAMES):
+      f.write("\t".join(f"{v:.6g}" for v in [confound[t], 0.0] + list(motion[t])) + "\n")
+  (nilearn_root / layouts.NILEARN_PHENOTYPES).write_text(
+      'Subject,site,adhd\n10042,"NYU",1\n10064,"NYU",0\n')
+  _write(_scan(str(root / "athena"), "1000000"), run, affine, DENOISE_TR)
+  return root, confound, kept, fast
+
+
+def _prepared_series(workdir):
+  """(brain voxels, frames) of the first prepared scan, and its index row."""
+  data = shards.PreparedDataset(str(workdir))
+  run = data.frames(0, 0, data.rows[0]["frames"])
+  brain = run.std(-1) > 0
+  return run[brain], _index(workdir)[0]
+
+
+def _corr(series, regressor):
+  s = series - series.mean(1, keepdims=True)
+  r = regressor - regressor.mean()
+  return (s @ r) / np.linalg.norm(s, axis=1) / np.linalg.norm(r)
+
+
+def _amplitude(series, frequency):
+  """Mean amplitude of the `frequency` sine, fitted jointly with the other planted ones."""
+  t = np.arange(series.shape[1]) * DENOISE_TR
+  planted = (0.03125, 0.05, 0.0625, 0.2)
+  waves = [f(2 * np.pi * hz * t) for hz in planted for f in (np.cos, np.sin)]
+  design = np.stack(waves + [np.ones_like(t)], axis=1)
+  coef = np.linalg.lstsq(design, series.T, rcond=None)[0]
+  i = 2 * planted.index(frequency)
+  return np.hypot(coef[i], coef[i + 1]).mean()
+
+
+def test_denoising_per_layout_removes_confounds_and_out_of_band_signal(denoise_layouts,
+                                                                       tmp_path):
+  root, confound, kept, fast = denoise_layouts
+  runs = {"fmriprep": ("fmriprep", dict(label_column="")),
+          "nilearn_adhd": ("nilearn", {}), "adhd200": ("athena", {})}
+  out = {}
+  for source, (folder, extra) in runs.items():
+    workdir = tmp_path / source
+    tasks.run_task(prepare_config(root / folder, source=source, frames=8, **extra),
+                   str(workdir))
+    out[source] = _prepared_series(workdir) + (prepare.read_report(str(workdir)),)
+  raw, row, _ = out["adhd200"]  # Athena sfnwmrda: already denoised, left as it is
+  assert row["denoise"].startswith("none (Athena sfnwmrda") and row["confounds"] == ""
+  assert row["detrend"] == "False" and row["high_pass_hz"] == row["low_pass_hz"] == ""
+  assert np.abs(_corr(raw, confound)).mean() > 0.4
+  assert _amplitude(raw, 0.2) > 0.5 * _amplitude(raw, 0.05)
+  for source, offset in (("fmriprep", 1), ("nilearn_adhd", 0)):
+    series, row, report = out[source]
+    aligned = confound[offset:]  # fMRIPrep marks frame 0 non-steady-state: dropped
+    assert int(row["frames"]) == DENOISE_FRAMES - offset
+    assert int(row["dropped_frames"]) == offset
+    assert np.abs(_corr(series, aligned)).mean() < 0.05, source
+    assert _amplitude(series, 0.2) < 0.05 * _amplitude(series, 0.05), source
+    assert _amplitude(series, 0.05) > 0.5 * _amplitude(raw, 0.05)  # the band stays
+    assert row["detrend"] == "True" and float(row["high_pass_hz"]) == 0.01
+    assert float(row["low_pass_hz"]) == 0.1
+    used = [r for r in report if r["status"] == "used"]
+    assert [r["denoise"] for r in used] == [row["denoise"]]
+    assert "band 0.01-0.1 Hz" in row["denoise"] and "detrend" in row["denoise"]
+  assert out["fmriprep"][1]["confounds"] == "fmriprep:simple"
+  assert int(out["fmriprep"][1]["confound_count"]) == 26   # 24 motion + wm + csf
+  assert out["nilearn_adhd"][1]["confounds"] == "nilearn_adhd"
+  assert int(out["nilearn_adhd"][1]["confound_count"]) == 8
+  missing = {r["subject"]: r for r in out["nilearn_adhd"][2]}["0010064"]
+  assert missing["status"] == "skipped"
+  assert "0010064_regressors.csv is missing" in missing["reason"]
+
+
+def test_denoise_plan_follows_the_file_name_and_config():
+  rules = denoise.DenoiseRules()
+  names = {"sub-01_task-rest_space-MNI152NLin6Asym_desc-preproc_bold.nii.gz": ("fmriprep", True),
+           "0010042_rest_tshift_RPI_voreg_mni.nii.gz": ("nilearn_adhd", True),
+           "sfnwmrda0010042_session_1_rest_1.nii.gz": ("", False),
+           "snwmrda0010042_session_1_rest_1.nii.gz": ("", True),   # not band-passed yet
+           "scan.nii.gz": ("", False)}
+  for name, expected in names.items():
+    plan = denoise.plan_for(f"/d/{name}", rules)
+    assert (plan.confounds, plan.filter) == expected, name
+  forced = dataclasses.replace(rules, apply="on")
+  assert denoise.plan_for("/d/sfnwmrda1_session_1_rest_1.nii.gz", forced).filter
+  assert denoise.plan_for("/d/scan.nii.gz", forced).filter
+  off = dataclasses.replace(rules, apply="off")
+  assert not any(denoise.plan_for(f"/d/{n}", off).active for n in names)
+  # A low-pass at or over Nyquist is no low-pass (and the index says so).
+  plan = denoise.plan_for("/d/snwmrda1_session_1_rest_1.nii.gz", rules)
+  assert denoise.band(plan, 2.0) == (0.01, 0.1) and denoise.band(plan, 5.0) == (0.01, None)
+  assert denoise.describe(plan, 5.0, denoise.Confounds(None, ""))["denoise"].startswith(
+      "detrend, band 0.01-Nyquist Hz (Athena snwmrda")
+
+
+def test_confound_files_missing_censoring_or_short_are_scan_reasons(denoise_layouts, tmp_path):
+  root, confound, _, _ = denoise_layouts
+  func = tmp_path / "sub-01" / "func"
+  shutil.copytree(root / "fmriprep" / "sub-01" / "func", func)
+  bold = str(next(func.glob("*_bold.nii.gz")))
+  plan = denoise.plan_for(bold, denoise.DenoiseRules())
+  assert denoise.load_confounds(bold, plan, DENOISE_FRAMES).values.shape == (DENOISE_FRAMES, 26)
+  with pytest.raises(nifti.ScanRejected, match="confounds .* have 80 rows for 90 frames"):
+    denoise.load_confounds(bold, plan, 90)
+  # Scrubbing censors frames inside the run: windows need evenly spaced frames.
+  spikes = np.zeros(DENOISE_FRAMES)
+  spikes[40] = 2.0
+  tsv = str(func / "sub-01_task-rest_desc-confounds_timeseries.tsv")
+  wm_csf = {f"{c}_{s}": np.r_[np.nan, np.zeros(DENOISE_FRAMES - 1)] if "derivative" in s
+            else np.zeros(DENOISE_FRAMES) for c in ("csf", "white_matter")
+            for s in ("derivative1", "power2", "derivative1_power2")}
+  _fmriprep_confounds_tsv(tsv, confound, np.random.default_rng(0),
+                          framewise_displacement=spikes, std_dvars=np.ones(DENOISE_FRAMES),
+                          **wm_csf)
+  scrub = denoise.plan_for(bold, denoise.DenoiseRules(strategy="scrubbing"))
+  with pytest.raises(nifti.ScanRejected, match="'scrubbing' censors .* frames inside the run"):
+    denoise.load_confounds(bold, scrub, DENOISE_FRAMES)
+  os.remove(tsv)
+  with pytest.raises(nifti.ScanRejected, match="fMRIPrep confounds file is missing \\(expected "
+                     ".*sub-01_task-rest_desc-confounds_timeseries.tsv and its .json"):
+    denoise.load_confounds(bold, plan, DENOISE_FRAMES)
+  bad = tmp_path / "0010042_regressors.csv"
+  bad.write_text("csf\twm\n1\t2\nx\t3\n")
+  with pytest.raises(nifti.ScanRejected, match="0010042_regressors.csv line 3 is not numbers"):
+    denoise.read_regressors(str(bad))
+
+
+def test_denoise_settings_are_checked_before_anything_runs(tmp_path):
+  bad = prepare_config(tmp_path, denoise=dict(apply="always", strategy="ica_aroma",
+                                              detrend=True, high_pass=0.2, low_pass=0.1),
+                       space="space-MNI152NLin6Asym")
+  with pytest.raises(errors.InputError) as raised:
+    tasks.run_task(bad, str(tmp_path / "out"))
+  for part in ("config.denoise.apply = 'always' must be one of 'auto', 'on', 'off'",
+               "config.denoise.strategy = 'ica_aroma' must be one of nilearn's",
+               "config.denoise.high_pass = 0.2 must be below config.denoise.low_pass = 0.1",
+               "config.space = 'space-MNI152NLin6Asym' must be a template name"):
+    assert part in str(raised.value)
+  assert not (tmp_path / "out" / "index.csv").exists()
+
+
+def test_denoise_clean_is_nilearns_clean_on_the_rows_with_data():
+  """The vectorised filter gives nilearn.signal.clean's own result; rows without data stay 0."""
+  from nilearn import signal
+  rng = np.random.default_rng(0)
+  values = (100 + rng.standard_normal((40, DENOISE_FRAMES))).astype(np.float32)
+  regressors = rng.standard_normal((DENOISE_FRAMES, 3))
+  rows = np.arange(0, 40, 2)
+  plan = denoise.plan_for("/d/sub-01_task-rest_desc-preproc_bold.nii.gz", denoise.DenoiseRules())
+  out = denoise.clean(values, rows, DENOISE_TR, plan, denoise.Confounds(regressors, "", 2))
+  expected = signal.clean(values[rows, 2:].T.astype(np.float64), detrend=True,
+                          standardize=denoise._no_standardize(), confounds=regressors[2:],
+                          filter="butterworth", high_pass=0.01, low_pass=0.1, t_r=DENOISE_TR).T
+  assert out.shape == (40, DENOISE_FRAMES - 2)
+  np.testing.assert_allclose(out[rows], expected, atol=1e-5)
+  assert not out[1::2].any()

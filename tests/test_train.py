@@ -175,6 +175,18 @@ def test_a_checkpoint_of_unrolled_layers_names_the_layout_when_restored_scanned(
   ckpt.close()
 
 
+def test_a_checkpoint_of_another_patch_count_is_named_as_such_not_as_damage(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, {"space": jnp.zeros((656, 8)), "step": jnp.int32(1)})
+  other = {"space": jax.ShapeDtypeStruct((655, 8), jnp.float32),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  with pytest.raises(errors.InputError, match=r"shape \(656, 8\) where this model has "
+                     r"\(655, 8\).*atlas on the grid"):
+    ckpt.restore(other)
+  ckpt.close()
+  assert (tmp_path / "1").is_dir() and not ckpt.rejected  # nothing set aside
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.optim.learning_rate = 1e30

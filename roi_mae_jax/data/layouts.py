@@ -10,6 +10,8 @@ Layouts (`config.source`):
                 ADHD200_40subs_motion_parameters_and_phenotypics.csv (Subject, site, adhd).
   fmriprep      BIDS derivatives: sub-*/[ses-*/]func/*task-rest*space-MNI152*desc-preproc_bold.nii.gz,
                 participants.tsv with the label in `config.label_column`; TR from the JSON sidecar.
+                `config.space` picks the template (MNI152NLin2009cAsym, MNI152NLin6Asym, ...);
+                a run found in several spaces without it is an error naming the files.
   manifest      a CSV (`config.manifest`) with columns path, subject, site, label and optional tr;
                 relative paths are relative to the CSV.
 
@@ -216,6 +218,43 @@ def _fmriprep_tr(path: str) -> float | None:
   return None
 
 
+def _one_space_per_run(paths: list[str], space: str, skipped: list[Skipped]) -> list[str]:
+  """The file of each run in template `space` ('' when each run has one file).
+
+  Files of other spaces are reported as ignored; a run without a file in
+  `space` is skipped; several candidates and no `space` stop the run, naming
+  the files, since which template is used must not depend on sort order.
+  """
+  runs: dict[str, list[str]] = {}
+  for path in paths:  # the same run in another space or resolution
+    runs.setdefault(re.sub(r"_(space|res|desc)-[^_]+", "", os.path.basename(path)), []).append(path)
+  chosen, ambiguous = [], []
+  for run, candidates in runs.items():
+    subject = run.split("_")[0]
+    if space:
+      matching = [p for p in candidates if f"_space-{space}_" in os.path.basename(p)]
+      for p in candidates:
+        if p not in matching:
+          skipped.append(Skipped(subject, p, f"not used: another space than config.space="
+                                 f"{space}", "ignored"))
+      if not matching:
+        skipped.append(Skipped(subject, candidates[0], f"no space-{space} file for this run "
+                               f"(found {', '.join(os.path.basename(p) for p in candidates)})"))
+      candidates = matching
+    if len(candidates) > 1:
+      ambiguous.append(candidates)
+    elif candidates:
+      chosen.append(candidates[0])
+  if ambiguous:
+    names = "; ".join(", ".join(candidates) for candidates in ambiguous[:3])
+    more = f" (and {len(ambiguous) - 3} more runs)" if len(ambiguous) > 3 else ""
+    raise errors.InputError(
+        f"{len(ambiguous)} fMRIPrep runs have several candidate files: {names}{more}; set "
+        "--config.space to the template to use (e.g. MNI152NLin2009cAsym, or "
+        "MNI152NLin2009cAsym_res-2 when resolutions differ too)")
+  return chosen
+
+
 def _find_fmriprep(config) -> tuple[list[ScanEntry], list[Skipped]]:
   root, values = config.input_dir, parse_label_values(config.label_values)
   pattern = "*task-rest*space-MNI152*desc-preproc_bold.nii.gz"
@@ -235,15 +274,10 @@ def _find_fmriprep(config) -> tuple[list[ScanEntry], list[Skipped]]:
         problems[sid] = (f"{table} lines {', '.join(map(str, lines))} all give participant "
                          f"sub-{sid}: not prepared until one row is left")
       participants = {pid(r): r for _, r in read.rows}
-  entries, skipped, runs = [], [], {}
-  for path in paths:
+  entries, skipped = [], []
+  for path in _one_space_per_run(paths, config.get("space", ""), skipped):
     name = os.path.basename(path)
     subject = name.split("_")[0]
-    run = re.sub(r"_(space|res|desc)-[^_]+", "", name)  # the same run in another space
-    if run in runs:
-      skipped.append(Skipped(subject, path, f"another space of this run is used ({runs[run]})"))
-      continue
-    runs[run] = name
     row = participants.get(subject.removeprefix("sub-"))
     problem = table_problem or problems.get(subject.removeprefix("sub-"))
     if problem:

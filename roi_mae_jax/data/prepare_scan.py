@@ -1,22 +1,28 @@
-"""Preparing one scan: check, resample onto the target grid and TR, normalise, write.
+"""Preparing one scan: check, resample onto the target grid, denoise, resample to the
+common TR, normalise, write.
 
     job = ScanJob.create(on_grid, rules, normalise="global")
     row = prepare_scan(entry, job, workdir)     # raises nifti.ScanRejected with the reason
 
 Only the atlas brain (the envelope of AAL3 on the target grid) is resampled
-and kept; the rest of the crop box is 0. Memory is one chunk of source
-frames plus the resampled run of this scan (about 3 x brain voxels x frames
-x 4 bytes), never more than one scan per worker.
+and kept; the rest of the crop box is 0. Denoising (`data/denoise.py`) runs
+on those brain voxels at the scan's TR: it is linear and the same for every
+voxel, so it gives what denoising the whole image and then resampling would.
+Memory is one chunk of source frames plus the resampled run of this scan
+(about 3 x brain voxels x frames x 4 bytes), never more than one scan per
+worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
 from roi_mae_jax import atlas as atlas_lib
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import resample
@@ -33,10 +39,11 @@ class ScanJob:
   info: shards.DatasetInfo
   brain_world_mm: np.ndarray   # (N, 3) world coordinates of the brain voxels
   brain_in_crop: tuple         # 3 x (N,) voxel indices inside the crop box
+  denoising: denoise.DenoiseRules = denoise.DenoiseRules()
 
   @classmethod
-  def create(cls, on_grid: atlas_lib.Atlas, rules: nifti.ScanRules,
-             normalise: str) -> "ScanJob":
+  def create(cls, on_grid: atlas_lib.Atlas, rules: nifti.ScanRules, normalise: str,
+             denoise_rules: denoise.DenoiseRules = denoise.DenoiseRules()) -> "ScanJob":
     brain = patches_lib.brain_envelope(on_grid.labels, min(on_grid.grid.voxel_size_mm))
     voxels = np.argwhere(brain)
     start, stop = voxels.min(0), voxels.max(0) + 1
@@ -44,8 +51,10 @@ class ScanJob:
     info = shards.DatasetInfo(
         grid_shape=grid.shape, affine=tuple(float(v) for v in grid.affine.ravel()),
         crop_start=tuple(int(s) for s in start), crop_shape=tuple(int(s) for s in stop - start),
-        tr=rules.target_tr, normalise=normalise)
-    return cls(rules, info, grid.world_coords(voxels), tuple((voxels - start).T))
+        tr=rules.target_tr, normalise=normalise,
+        atlas_sha1=hashlib.sha1(np.ascontiguousarray(on_grid.labels, np.int32)).hexdigest())
+    return cls(rules, info, grid.world_coords(voxels), tuple((voxels - start).T),
+               denoise_rules)
 
   @property
   def num_brain_voxels(self) -> int:
@@ -106,7 +115,17 @@ def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarra
 def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
   """Writes the shard of `entry`; returns its index row."""
   scan = nifti.open_scan(entry.path, job.rules, job.brain_world_mm, entry.tr)
+  plan = denoise.plan_for(entry.path, job.denoising)
+  # Confounds first: a missing table fails the scan before the costly read.
+  confounds = denoise.load_confounds(entry.path, plan, scan.frames)
   values, with_data, bad_share = resampled_run(scan, job)
+  if plan.active:
+    values = denoise.clean(values, np.flatnonzero(with_data), scan.tr, plan, confounds)
+    usable = nifti.frames_at_tr(values.shape[1], scan.tr, job.info.tr)
+    if usable < job.rules.min_frames:
+      raise nifti.ScanRejected(f"too few frames after dropping {confounds.drop_leading} "
+                               f"non-steady-state frames: {usable} at TR {job.info.tr:g} s; "
+                               f"windows need {job.rules.min_frames}")
   run = resample.resample_time(values, scan.tr, job.info.tr)
   del values
   z = resample.normalise(run, with_data, job.info.normalise)
@@ -121,5 +140,6 @@ def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
   row = {"scan": entry.scan, "subject": entry.subject, "site": entry.site, "label": entry.label,
          "tr": job.info.tr, "source_frames": scan.frames, "source_tr": round(scan.tr, 6),
          "tr_source": scan.tr_source, "brain_with_data": round(float(with_data.mean()), 4),
-         "nonfinite_voxels": round(bad_share, 6), "path": entry.path}
+         "nonfinite_voxels": round(bad_share, 6), "path": entry.path,
+         **denoise.describe(plan, scan.tr, confounds)}
   return shards.write_shard(workdir, entry.scan, frames(), row, dtype=job.info.dtype)

@@ -40,7 +40,9 @@ BRAIN_MASK_FILE = "brain_mask.nii.gz"
 SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".array_record"
 INDEX_COLUMNS = ("scan", "subject", "site", "label", "frames", "tr", "shard", "source_frames",
-                 "source_tr", "tr_source", "brain_with_data", "nonfinite_voxels", "path")
+                 "source_tr", "tr_source", "brain_with_data", "nonfinite_voxels",
+                 "denoise", "confounds", "confound_count", "detrend", "high_pass_hz",
+                 "low_pass_hz", "dropped_frames", "path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,9 @@ class DatasetInfo:
   tr: float
   normalise: str
   dtype: str = "float16"
+  # sha1 of the atlas labels on the grid: shards hold its brain, so a changed
+  # atlas (file or resampling) means they no longer fit.
+  atlas_sha1: str = ""
 
   @property
   def grid(self) -> grids.Grid:
