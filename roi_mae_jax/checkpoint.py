@@ -209,7 +209,20 @@ class Checkpointer:
           f"this model (first difference: {where}); restore it with the model settings it "
           "was written with (model.size, model.scan: scanned layers stack each block's "
           "parameters)") from None
+    if partial:  # Orbax reads a subtree as stored, whatever shapes were asked for
+      self._check_shapes(step, restored["state"], target)
     return _data_to_keys(restored["state"], abstract_state), has_data
+
+  def _check_shapes(self, step: int, restored: Any, target: Any) -> None:
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                 jax.tree.leaves(target)):
+      if tuple(got.shape) != tuple(want.shape):
+        raise errors.InputError(
+            f"the checkpoint of step {step} in {self.directory} holds "
+            f"{jax.tree_util.keystr(path)} of shape {tuple(got.shape)} where this model has "
+            f"{tuple(want.shape)}: the model, grid, patch size or the atlas on the grid (one "
+            "position per brain patch) differ from when it was written; use those settings, "
+            "or pretrain again")
 
   def set_aside_rejected(self) -> list[str]:
     """Moves the folders `restore` passed over to DIRECTORY.rejected/ (kept, never deleted).

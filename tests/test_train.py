@@ -185,6 +185,11 @@ def test_a_checkpoint_of_another_patch_count_is_named_as_such_not_as_damage(tmp_
     ckpt.restore(other)
   ckpt.close()
   assert (tmp_path / "1").is_dir() and not ckpt.rejected  # nothing set aside
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)  # as an encoder loads
+  with pytest.raises(errors.InputError, match=r"\['space'\] of shape \(656, 8\) where this "
+                     r"model has \(655, 8\).*atlas on the grid"):
+    reader.restore(other, partial=True)
+  reader.close()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
