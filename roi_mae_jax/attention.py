@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from roi_mae_jax import errors
+from roi_mae_jax import scan_slices
 
 IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
 # `auto` materialises the logits only while one layer's (B, H, T, T) float32
@@ -105,11 +106,10 @@ def reference(q, k, v, key_valid=None):
 
 
 def _dot(equation: str, a, b):
-  """einsum accumulated and returned in float32. XLA's CPU runtime has no
-  bfloat16 x bfloat16 -> float32 matmul (its bfloat16 matmuls convert to
-  float32 inside anyway), so there the operands are converted first."""
-  if jax.default_backend() == "cpu":
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  """einsum accumulated and returned in float32. bfloat16 operands stay
+  bfloat16: XLA's CPU backend runs bfloat16 x bfloat16 -> float32 natively
+  (XNNPACK; with AMX/AVX-512 BF16 several times its float32 matmul rate), while
+  float32 copies of the operands would cost memory and time."""
   return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
@@ -238,14 +238,17 @@ def _forward(q, k, v, key_bias, block):
   (Not the log-sum-exp m + log l: for a row hiding every key, m = -1e30 swallows
   log l in float32.)
   """
-  k_blocks, v_blocks, b_blocks = _blocks(k, block), _blocks(v, block), _blocks(key_bias, block)
+  dtype = q.dtype
+  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
 
   def one_query_block(q_blk):
+    q_blk = scan_slices.unpacked(q_blk, dtype)
     b, bq, h, d = q_blk.shape
 
     def over_keys(carry, kv):
       m, l, acc = carry
       k_blk, v_blk, b_blk = kv
+      k_blk, v_blk = scan_slices.unpacked(k_blk, dtype), scan_slices.unpacked(v_blk, dtype)
       s = _tile_logits(q_blk, k_blk, b_blk)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.exp(s - m_new[..., None])
@@ -257,12 +260,18 @@ def _forward(q, k, v, key_bias, block):
 
     init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
             jnp.zeros((b, h, bq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(over_keys, init, (k_blocks, v_blocks, b_blocks))
-    out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(q_blk.dtype)
+    (m, l, acc), _ = jax.lax.scan(over_keys, init, keys)
+    out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(dtype)
     return out, jnp.stack([m, l])
 
-  out, stats = jax.lax.map(one_query_block, _blocks(q, block))  # stats (nq, 2, B, H, bq)
+  # stats (nq, 2, B, H, bq)
+  out, stats = jax.lax.map(one_query_block, _packed_blocks(q, block))
   return _unblocks(out), stats
+
+
+def _packed_blocks(x, block):
+  """`_blocks` of x for a scan to slice, bfloat16 as its bits (see scan_slices)."""
+  return scan_slices.packed(_blocks(x, block))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -277,41 +286,43 @@ def _chunked_fwd(q, k, v, key_bias, block):
 
 def _chunked_bwd(block, residuals, d_out):
   """FlashAttention-2's backward: per key block, a scan over query blocks
-  accumulates dK, dV; each query block's dQ share is summed over key blocks."""
+  accumulates dK, dV and adds each query block's dQ share in place."""
   q, k, v, key_bias, out, stats = residuals
+  dtype = q.dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
   # delta_i = sum_d dO_i * O_i: the softmax Jacobian's row term.
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  q_blocks, do_blocks = _blocks(q, block), _blocks(d_out.astype(q.dtype), block)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=jnp.float32)
   delta_blocks = jnp.moveaxis(delta.reshape(*delta.shape[:2], -1, block), 2, 0)
+  queries = (jnp.arange(stats.shape[0]), _packed_blocks(q, block),
+             _packed_blocks(d_out.astype(dtype), block), stats, delta_blocks)
 
   def one_key_block(dq, kv):
     k_blk, v_blk, b_blk = kv
+    k_blk, v_blk = scan_slices.unpacked(k_blk, dtype), scan_slices.unpacked(v_blk, dtype)
 
     def over_queries(carry, qs):
-      dk, dv = carry
-      q_blk, do_blk, stats_blk, delta_blk = qs
+      dk, dv, dq = carry
+      i, q_blk, do_blk, stats_blk, delta_blk = qs
+      q_blk, do_blk = scan_slices.unpacked(q_blk, dtype), scan_slices.unpacked(do_blk, dtype)
       m, l = stats_blk[0][..., None], stats_blk[1][..., None]
       p = jnp.exp(_tile_logits(q_blk, k_blk, b_blk) - m) / l  # (B, H, bq, bk)
-      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(do_blk.dtype), do_blk)
+      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(dtype), do_blk)
       dp = _dot("bqhd,bkhd->bhqk", do_blk, v_blk)
       ds = p * (dp - delta_blk[..., None]) * scale
       # Hidden keys' logits are constants: no gradient reaches q or k through them.
-      ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(q.dtype)
+      ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(dtype)
       dk = dk + _dot("bhqk,bqhd->bkhd", ds, q_blk)
-      dq_blk = _dot("bhqk,bkhd->bqhd", ds, k_blk)
-      return (dk, dv), dq_blk
+      dq = dq.at[i].add(_dot("bhqk,bkhd->bqhd", ds, k_blk))  # in place, no stack of shares
+      return (dk, dv, dq), None
 
     zeros = jnp.zeros(k_blk.shape, jnp.float32)
-    (dk, dv), dq_part = jax.lax.scan(over_queries, (zeros, zeros),
-                                     (q_blocks, do_blocks, stats, delta_blocks))
-    return dq + dq_part, (dk, dv)
+    (dk, dv, dq), _ = jax.lax.scan(over_queries, (zeros, zeros, dq), queries)
+    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-  dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
-  dq, (dk, dv) = jax.lax.scan(one_key_block, dq0,
-                              (_blocks(k, block), _blocks(v, block), _blocks(key_bias, block)))
-  cast = lambda x, like: _unblocks(x).astype(like.dtype)
-  return cast(dq, q), cast(dk, k), cast(dv, v), None
+  dq0 = jnp.zeros((stats.shape[0],) + q.shape[:1] + (block,) + q.shape[2:], jnp.float32)
+  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
+  dq, (dk, dv) = jax.lax.scan(one_key_block, dq0, keys)
+  return _unblocks(dq).astype(dtype), _unblocks(dk), _unblocks(dv), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -16,6 +16,7 @@ axes they map to are set in `sharding`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import errors
 from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
 # name -> (width, depth, heads, decoder width, decoder depth, decoder heads)
@@ -243,6 +245,11 @@ class Stack(nnx.Module):
         x = run(block, x)
       return x
 
+    if self.remat == "block":
+      graphdef, params = nnx.split(self.blocks)
+      apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
+      return _recomputed_layers(apply, params, x, key_valid)
+
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def layers(block, h):
       return run(block, h)
@@ -250,6 +257,37 @@ class Stack(nnx.Module):
     # exactly: XLA's CPU backend stacks and slices bfloat16 through float32 and
     # hoisted a float32 copy of the whole stack beside the bfloat16 one.
     return layers(self.blocks, x.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed_layers(apply, params, x, key_valid):
+  """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
+  `params`, as a scan that keeps only each layer's input for the backward pass
+  (`remat=block` with scanned layers). Written out, not jax.checkpoint inside
+  nnx.scan: the saved inputs stay in the compute dtype (see `scan_slices`)."""
+  return _layers_forward(apply, params, x, key_valid)[0]
+
+
+def _layers_forward(apply, params, x, key_valid):
+  def layer(h, p):
+    return apply(p, h, key_valid), scan_slices.packed(h)
+  y, saved = jax.lax.scan(layer, x, params)
+  return y, (params, saved, key_valid)
+
+
+def _layers_backward(apply, residuals, dy):
+  params, saved, key_valid = residuals
+
+  def layer(g, ps):  # recompute one layer from its input, then pull g back
+    p, s = ps
+    _, pull = jax.vjp(lambda p, h: apply(p, h, key_valid), p, scan_slices.unpacked(s, dy.dtype))
+    dp, dh = pull(g)
+    return dh, dp
+  dx, dparams = jax.lax.scan(layer, dy, (params, saved), reverse=True)
+  return dparams, dx, None
+
+
+_recomputed_layers.defvjp(_layers_forward, _layers_backward)
 
 
 class Positions(nnx.Module):
