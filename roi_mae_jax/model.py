@@ -147,8 +147,44 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
 
 def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                    dot_general=_linear_dot_general,
                     kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)))
+
+
+def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None, **kwargs):
+  """nnx.Linear's x @ W: bfloat16 through `_bf16_matmul`, else lax.dot_general."""
+  standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+  if lhs.dtype == rhs.dtype == jnp.bfloat16 and standard and rhs.ndim == 2:
+    return _bf16_matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kwargs)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x, w):
+  """x (..., n) @ w (n, m) for bfloat16 x and w, accumulated in float32 and
+  rounded to bfloat16 (as a bfloat16 matmul on a GPU or TPU). Forward and
+  backward matmuls take bfloat16 operands and accumulate in float32: XLA's CPU
+  backend runs those natively (AMX / AVX-512 BF16), where a bfloat16-output
+  matmul, or one with a float32 cotangent, goes through float32 copies."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_matmul_fwd(x, w):
+  return _bf16_matmul(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("...m,nm->...n", g, w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("...n,...m->nm", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def _norm(rngs, width) -> nnx.LayerNorm:
@@ -174,10 +210,17 @@ class Attention(nnx.Module):
 
   def __call__(self, x, key_valid=None):
     """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to."""
-    qkv = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(self.dtype))
+    w_qkv, w_out = self.qkv[...].astype(self.dtype), self.out[...].astype(self.dtype)
+    if self.dtype == jnp.bfloat16:  # as two plain matmuls, see _bf16_matmul
+      qkv = _bf16_matmul(x, w_qkv.reshape(w_qkv.shape[0], -1))
+      qkv = jnp.moveaxis(qkv.reshape(*x.shape[:2], *w_qkv.shape[1:]), 2, 0)
+    else:
+      qkv = jnp.einsum("btd,dshk->sbthk", x, w_qkv)
     y = attention_lib.attend(qkv[0], qkv[1], qkv[2], key_valid,
                              implementation=self.implementation, block=self.block)
-    return jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
+    if self.dtype == jnp.bfloat16:
+      return _bf16_matmul(y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
+    return jnp.einsum("bthk,hkd->btd", y, w_out)
 
 
 class Block(nnx.Module):
