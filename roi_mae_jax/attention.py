@@ -6,9 +6,10 @@ q, k, v are (batch, tokens, heads, head_dim); `key_valid` (B, T) bool says which
 tokens may be attended to (reconstruction by region hides some). Kernels:
 
   reference  two einsums and a float32 softmax; materialises (B, H, T, T)
-  dense      the same, with a hand-written backward: fewer passes over the
-             (B, H, T, T) logits (on a CPU the softmax passes cost as much as
-             the matmuls)
+  dense      the same, one (batch, head) at a time so each head's (T, T)
+             logits stay in cache, with a hand-written backward that
+             recomputes them (on a CPU the softmax passes cost as much as the
+             matmuls)
   xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
   cudnn      cuDNN's fused kernel (GPU, bfloat16/float16)
   pallas     the Pallas flash-attention kernel (TPU)
@@ -36,8 +37,9 @@ from roi_mae_jax import errors
 from roi_mae_jax import scan_slices
 
 IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
-# `auto` materialises the logits only while one layer's (B, H, T, T) float32
-# logits stay under this; beyond, it takes a memory-efficient kernel.
+# `auto` takes `dense` (one head's full (T, T) logits at a time) only while one
+# layer's (B, H, T, T) float32 logits stay under this; beyond, a
+# memory-efficient kernel.
 AUTO_DENSE_LIMIT_BYTES = 256 * 2**20
 _MASKED = -1e30  # a hidden key: as the reference, a row hiding every key is uniform
 _logged: set = set()
