@@ -6,9 +6,10 @@ q, k, v are (batch, tokens, heads, head_dim); `key_valid` (B, T) bool says which
 tokens may be attended to (reconstruction by region hides some). Kernels:
 
   reference  two einsums and a float32 softmax; materialises (B, H, T, T)
-  dense      the same, with a hand-written backward: fewer passes over the
-             (B, H, T, T) logits (on a CPU the softmax passes cost as much as
-             the matmuls)
+  dense      the same, one (batch, head) at a time so each head's (T, T)
+             logits stay in cache, with a hand-written backward that
+             recomputes them (on a CPU the softmax passes cost as much as the
+             matmuls)
   xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
   cudnn      cuDNN's fused kernel (GPU, bfloat16/float16)
   pallas     the Pallas flash-attention kernel (TPU)
@@ -33,10 +34,12 @@ import numpy as np
 from absl import logging
 
 from roi_mae_jax import errors
+from roi_mae_jax import scan_slices
 
 IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
-# `auto` materialises the logits only while one layer's (B, H, T, T) float32
-# logits stay under this; beyond, it takes a memory-efficient kernel.
+# `auto` takes `dense` (one head's full (T, T) logits at a time) only while one
+# layer's (B, H, T, T) float32 logits stay under this; beyond, a
+# memory-efficient kernel.
 AUTO_DENSE_LIMIT_BYTES = 256 * 2**20
 _MASKED = -1e30  # a hidden key: as the reference, a row hiding every key is uniform
 _logged: set = set()
@@ -105,65 +108,85 @@ def reference(q, k, v, key_valid=None):
 
 
 def _dot(equation: str, a, b):
-  """einsum accumulated and returned in float32. XLA's CPU runtime has no
-  bfloat16 x bfloat16 -> float32 matmul (its bfloat16 matmuls convert to
-  float32 inside anyway), so there the operands are converted first."""
-  if jax.default_backend() == "cpu":
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  """einsum accumulated and returned in float32. bfloat16 operands stay
+  bfloat16: XLA's CPU backend runs bfloat16 x bfloat16 -> float32 natively
+  (XNNPACK; with AMX/AVX-512 BF16 several times its float32 matmul rate), while
+  float32 copies of the operands would cost memory and time."""
   return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
 def dense(q, k, v, key_valid=None):
   """`reference` in values and gradients, with fewer passes over the logits: the
   softmax normalisation is applied to the (T, D) output, not the (T, T) weights,
-  and the backward takes the softmax row term from dO . O (as FlashAttention)."""
-  return _dense(q, k, v, None if key_valid is None else key_valid.astype(bool))
+  and the backward takes the softmax row term from dO . O (as FlashAttention).
+
+  One (batch, head) at a time, in a loop: each pass over that head's (T, T)
+  logits then runs in cache, where passes over all heads' logits at once
+  would stream them through memory (on a 2-core CPU, a quarter less time).
+  """
+  b, t, h, d = q.shape
+  heads_first = lambda x: jnp.moveaxis(x, 2, 1).reshape(b * h, t, d)
+  valid = None if key_valid is None else jnp.repeat(key_valid.astype(bool), h, axis=0)
+  out = _dense(heads_first(q), heads_first(k), heads_first(v), valid)
+  return jnp.moveaxis(out.reshape(b, h, t, d), 1, 2)
 
 
-def _dense_forward(q, k, v, valid):
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  s = _dot("bqhd,bkhd->bhqk", q, k) * scale
+def _dense_one(q, k, v, valid):
+  """One head: (T, D) x 3, valid (T,) or None -> (out, row max m, row sums l)."""
+  p, m = _weights(q, k, valid)
+  l = p.sum(-1)  # (T,)
+  out = _dot("qk,kd->qd", p.astype(v.dtype), v) / l[:, None]
+  return out.astype(q.dtype), m, l
+
+
+def _weights(q, k, valid, m=None):
+  """exp(logits - m) for one head, with m the row max unless given, and m."""
+  s = _dot("qd,kd->qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
   if valid is not None:  # (no mask: no pass over the logits for it)
-    s = jnp.where(valid[:, None, None, :], s, _MASKED)
-  p = jnp.exp(s - s.max(-1, keepdims=True))  # unnormalised weights
-  l = p.sum(-1)  # (B, H, T)
-  p = p.astype(v.dtype)
-  out = _dot("bhqk,bkhd->bqhd", p, v)
-  out = out / jnp.einsum("bhq->bqh", l)[..., None]
-  return out.astype(q.dtype), p, l
+    s = jnp.where(valid[None, :], s, _MASKED)
+  m = s.max(-1) if m is None else m
+  return jnp.exp(s - m[:, None]), m
+
+
+def _over_heads(fn, *arrays):
+  """fn over the leading (batch x heads) axis of each array, one head at a time."""
+  def one(xs):
+    return fn(*xs)
+  return jax.lax.map(one, arrays)
 
 
 @jax.custom_vjp
 def _dense(q, k, v, valid):
-  return _dense_forward(q, k, v, valid)[0]
+  """q, k, v (N, T, D): N = batch x heads; valid (N, T) or None."""
+  return _over_heads(lambda q, k, v, m: _dense_one(q, k, v, m)[0], q, k, v, valid)
 
 
 def _dense_fwd(q, k, v, valid):
-  out, p, l = _dense_forward(q, k, v, valid)
-  return out, (q, k, v, valid, out, p, l)
+  out, m, l = _over_heads(_dense_one, q, k, v, valid)
+  return out, (q, k, v, valid, out, m, l)
+
+
+def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  p = _weights(q, k, valid, m)[0].astype(v.dtype)  # recomputed, as FlashAttention
+  # dV = P^T dO with P = p / l, as (dO^T p)^T: XLA's CPU backend then runs it as
+  # a plain matmul instead of transposing the (T, T) p.
+  dv = _dot("qd,qk->kd", (d_out / l[:, None]).astype(p.dtype), p)
+  dp = _dot("qd,kd->qk", d_out, v)
+  delta = jnp.einsum("qd,qd->q", d_out, out, preferred_element_type=jnp.float32)
+  # dS = P (dP - delta); hidden keys' logits are constants (no gradient).
+  ds = p * ((dp - delta[:, None]) * (scale / l)[:, None])
+  if valid is not None:
+    ds = jnp.where(valid[None, :], ds, 0.0)
+  ds = ds.astype(q.dtype)
+  dq = _dot("qk,kd->qd", ds, k)
+  dk = _dot("qd,qk->kd", q, ds)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _dense_bwd(residuals, d_out):
-  q, k, v, valid, out, p, l = residuals
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  inv_l = jnp.einsum("bhq->bqh", 1.0 / l)[..., None]  # (B, T, H, 1)
-  dv = _left_transposed(p, (d_out * inv_l).astype(p.dtype))
-  dp = _dot("bqhd,bkhd->bhqk", d_out, v)
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  # dS = P (dP - delta), P = p / l; hidden keys' logits are constants (no gradient).
-  ds = p * ((dp - delta[..., None]) * (scale / l)[..., None])
-  if valid is not None:
-    ds = jnp.where(valid[:, None, None, :], ds, 0.0)
-  ds = ds.astype(q.dtype)
-  dq = _dot("bhqk,bkhd->bqhd", ds, k)
-  dk = _left_transposed(ds, q)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-def _left_transposed(w, x):
-  """(B, H, Q, K) x (B, Q, H, D) -> (B, K, H, D) float32, summing over Q: as
-  (x^T w)^T, so that XLA's CPU backend transposes x, not the (Q, K) weights."""
-  return _dot("bqhd,bhqk->bkhd", x, w)
+  dq, dk, dv = _over_heads(_dense_bwd_one, *residuals, d_out)
+  return dq, dk, dv, None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -238,14 +261,17 @@ def _forward(q, k, v, key_bias, block):
   (Not the log-sum-exp m + log l: for a row hiding every key, m = -1e30 swallows
   log l in float32.)
   """
-  k_blocks, v_blocks, b_blocks = _blocks(k, block), _blocks(v, block), _blocks(key_bias, block)
+  dtype = q.dtype
+  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
 
   def one_query_block(q_blk):
+    q_blk = scan_slices.unpacked(q_blk, dtype)
     b, bq, h, d = q_blk.shape
 
     def over_keys(carry, kv):
       m, l, acc = carry
       k_blk, v_blk, b_blk = kv
+      k_blk, v_blk = scan_slices.unpacked(k_blk, dtype), scan_slices.unpacked(v_blk, dtype)
       s = _tile_logits(q_blk, k_blk, b_blk)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.exp(s - m_new[..., None])
@@ -257,12 +283,18 @@ def _forward(q, k, v, key_bias, block):
 
     init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
             jnp.zeros((b, h, bq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(over_keys, init, (k_blocks, v_blocks, b_blocks))
-    out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(q_blk.dtype)
+    (m, l, acc), _ = jax.lax.scan(over_keys, init, keys)
+    out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(dtype)
     return out, jnp.stack([m, l])
 
-  out, stats = jax.lax.map(one_query_block, _blocks(q, block))  # stats (nq, 2, B, H, bq)
+  # stats (nq, 2, B, H, bq)
+  out, stats = jax.lax.map(one_query_block, _packed_blocks(q, block))
   return _unblocks(out), stats
+
+
+def _packed_blocks(x, block):
+  """`_blocks` of x for a scan to slice, bfloat16 as its bits (see scan_slices)."""
+  return scan_slices.packed(_blocks(x, block))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -277,41 +309,43 @@ def _chunked_fwd(q, k, v, key_bias, block):
 
 def _chunked_bwd(block, residuals, d_out):
   """FlashAttention-2's backward: per key block, a scan over query blocks
-  accumulates dK, dV; each query block's dQ share is summed over key blocks."""
+  accumulates dK, dV and adds each query block's dQ share in place."""
   q, k, v, key_bias, out, stats = residuals
+  dtype = q.dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
   # delta_i = sum_d dO_i * O_i: the softmax Jacobian's row term.
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  q_blocks, do_blocks = _blocks(q, block), _blocks(d_out.astype(q.dtype), block)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=jnp.float32)
   delta_blocks = jnp.moveaxis(delta.reshape(*delta.shape[:2], -1, block), 2, 0)
+  queries = (jnp.arange(stats.shape[0]), _packed_blocks(q, block),
+             _packed_blocks(d_out.astype(dtype), block), stats, delta_blocks)
 
   def one_key_block(dq, kv):
     k_blk, v_blk, b_blk = kv
+    k_blk, v_blk = scan_slices.unpacked(k_blk, dtype), scan_slices.unpacked(v_blk, dtype)
 
     def over_queries(carry, qs):
-      dk, dv = carry
-      q_blk, do_blk, stats_blk, delta_blk = qs
+      dk, dv, dq = carry
+      i, q_blk, do_blk, stats_blk, delta_blk = qs
+      q_blk, do_blk = scan_slices.unpacked(q_blk, dtype), scan_slices.unpacked(do_blk, dtype)
       m, l = stats_blk[0][..., None], stats_blk[1][..., None]
       p = jnp.exp(_tile_logits(q_blk, k_blk, b_blk) - m) / l  # (B, H, bq, bk)
-      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(do_blk.dtype), do_blk)
+      dv = dv + _dot("bhqk,bqhd->bkhd", p.astype(dtype), do_blk)
       dp = _dot("bqhd,bkhd->bhqk", do_blk, v_blk)
       ds = p * (dp - delta_blk[..., None]) * scale
       # Hidden keys' logits are constants: no gradient reaches q or k through them.
-      ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(q.dtype)
+      ds = jnp.where(b_blk[:, None, None, :] == 0, ds, 0.0).astype(dtype)
       dk = dk + _dot("bhqk,bqhd->bkhd", ds, q_blk)
-      dq_blk = _dot("bhqk,bkhd->bqhd", ds, k_blk)
-      return (dk, dv), dq_blk
+      dq = dq.at[i].add(_dot("bhqk,bkhd->bqhd", ds, k_blk))  # in place, no stack of shares
+      return (dk, dv, dq), None
 
     zeros = jnp.zeros(k_blk.shape, jnp.float32)
-    (dk, dv), dq_part = jax.lax.scan(over_queries, (zeros, zeros),
-                                     (q_blocks, do_blocks, stats, delta_blocks))
-    return dq + dq_part, (dk, dv)
+    (dk, dv, dq), _ = jax.lax.scan(over_queries, (zeros, zeros, dq), queries)
+    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-  dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
-  dq, (dk, dv) = jax.lax.scan(one_key_block, dq0,
-                              (_blocks(k, block), _blocks(v, block), _blocks(key_bias, block)))
-  cast = lambda x, like: _unblocks(x).astype(like.dtype)
-  return cast(dq, q), cast(dk, k), cast(dv, v), None
+  dq0 = jnp.zeros((stats.shape[0],) + q.shape[:1] + (block,) + q.shape[2:], jnp.float32)
+  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
+  dq, (dk, dv) = jax.lax.scan(one_key_block, dq0, keys)
+  return _unblocks(dq).astype(dtype), _unblocks(dk), _unblocks(dv), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

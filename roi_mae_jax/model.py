@@ -16,6 +16,7 @@ axes they map to are set in `sharding`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import errors
 from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
 # name -> (width, depth, heads, decoder width, decoder depth, decoder heads)
@@ -145,8 +147,44 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
 
 def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                    dot_general=_linear_dot_general,
                     kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)))
+
+
+def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None, **kwargs):
+  """nnx.Linear's x @ W: bfloat16 through `_bf16_matmul`, else lax.dot_general."""
+  standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+  if lhs.dtype == rhs.dtype == jnp.bfloat16 and standard and rhs.ndim == 2:
+    return _bf16_matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kwargs)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x, w):
+  """x (..., n) @ w (n, m) for bfloat16 x and w, accumulated in float32 and
+  rounded to bfloat16 (as a bfloat16 matmul on a GPU or TPU). Forward and
+  backward matmuls take bfloat16 operands and accumulate in float32: XLA's CPU
+  backend runs those natively (AMX / AVX-512 BF16), where a bfloat16-output
+  matmul, or one with a float32 cotangent, goes through float32 copies."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_matmul_fwd(x, w):
+  return _bf16_matmul(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("...m,nm->...n", g, w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("...n,...m->nm", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def _norm(rngs, width) -> nnx.LayerNorm:
@@ -172,10 +210,17 @@ class Attention(nnx.Module):
 
   def __call__(self, x, key_valid=None):
     """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to."""
-    qkv = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(self.dtype))
+    w_qkv, w_out = self.qkv[...].astype(self.dtype), self.out[...].astype(self.dtype)
+    if self.dtype == jnp.bfloat16:  # as two plain matmuls, see _bf16_matmul
+      qkv = _bf16_matmul(x, w_qkv.reshape(w_qkv.shape[0], -1))
+      qkv = jnp.moveaxis(qkv.reshape(*x.shape[:2], *w_qkv.shape[1:]), 2, 0)
+    else:
+      qkv = jnp.einsum("btd,dshk->sbthk", x, w_qkv)
     y = attention_lib.attend(qkv[0], qkv[1], qkv[2], key_valid,
                              implementation=self.implementation, block=self.block)
-    return jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(self.dtype))
+    if self.dtype == jnp.bfloat16:
+      return _bf16_matmul(y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
+    return jnp.einsum("bthk,hkd->btd", y, w_out)
 
 
 class Block(nnx.Module):
@@ -194,8 +239,14 @@ class Block(nnx.Module):
 
   def __call__(self, x, key_valid=None):
     x = x + self.attn(self.norm1(x).astype(self.dtype), key_valid)
-    mlp = lambda h: self.down(jax.nn.gelu(self.up(h)))
+    mlp = lambda h: self.down(_gelu(self.up(h)))
     return x + _over_token_chunks(mlp, self.norm2(x).astype(self.dtype), self.mlp_chunk)
+
+
+# GELU's backward recomputes its tanh from the input instead of keeping the
+# intermediates of the forward pass: two fewer (tokens x mlp width) arrays per
+# block held for the backward pass.
+_gelu = jax.checkpoint(jax.nn.gelu)
 
 
 def _over_token_chunks(fn, x, chunk: int):
@@ -243,6 +294,11 @@ class Stack(nnx.Module):
         x = run(block, x)
       return x
 
+    if self.remat == "block":
+      graphdef, params = nnx.split(self.blocks)
+      apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
+      return _recomputed_layers(apply, params, x, key_valid)
+
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def layers(block, h):
       return run(block, h)
@@ -250,6 +306,37 @@ class Stack(nnx.Module):
     # exactly: XLA's CPU backend stacks and slices bfloat16 through float32 and
     # hoisted a float32 copy of the whole stack beside the bfloat16 one.
     return layers(self.blocks, x.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed_layers(apply, params, x, key_valid):
+  """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
+  `params`, as a scan that keeps only each layer's input for the backward pass
+  (`remat=block` with scanned layers). Written out, not jax.checkpoint inside
+  nnx.scan: the saved inputs stay in the compute dtype (see `scan_slices`)."""
+  return _layers_forward(apply, params, x, key_valid)[0]
+
+
+def _layers_forward(apply, params, x, key_valid):
+  def layer(h, p):
+    return apply(p, h, key_valid), scan_slices.packed(h)
+  y, saved = jax.lax.scan(layer, x, params)
+  return y, (params, saved, key_valid)
+
+
+def _layers_backward(apply, residuals, dy):
+  params, saved, key_valid = residuals
+
+  def layer(g, ps):  # recompute one layer from its input, then pull g back
+    p, s = ps
+    _, pull = jax.vjp(lambda p, h: apply(p, h, key_valid), p, scan_slices.unpacked(s, dy.dtype))
+    dp, dh = pull(g)
+    return dh, dp
+  dx, dparams = jax.lax.scan(layer, dy, (params, saved), reverse=True)
+  return dparams, dx, None
+
+
+_recomputed_layers.defvjp(_layers_forward, _layers_backward)
 
 
 class Positions(nnx.Module):

@@ -196,3 +196,18 @@ def test_scanned_layers_stack_the_parameters_of_each_block(setting):
   assert jax.tree.structure(stacked) == jax.tree.structure(nnx.to_pure_dict(scanned))
   back = model_lib.unstack_layers(stacked, {"encoder": depth, "decoder": 1})
   assert jax.tree.structure(back) == jax.tree.structure(plain)
+
+
+def test_bfloat16_matmul_values_and_gradients_follow_float32():
+  x = jax.random.normal(jax.random.key(0), (2, 30, 48), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (48, 40), jnp.float32) / 7
+  g = jax.random.normal(jax.random.key(2), (2, 30, 40), jnp.float32)
+  loss = lambda matmul, x, w: jnp.sum(matmul(x, w).astype(jnp.float32) * g)
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  got = jax.grad(lambda x, w: loss(model_lib._bf16_matmul, bf16(x), bf16(w)), (0, 1))(x, w)
+  want = jax.grad(lambda x, w: loss(jnp.matmul, x, w), (0, 1))(x, w)
+  np.testing.assert_allclose(model_lib._bf16_matmul(bf16(x), bf16(w)).astype(np.float32),
+                             x @ w, atol=0.05, rtol=0.02)
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.float32  # cotangents reach float32 inputs in their dtype
+    np.testing.assert_allclose(a, b, atol=0.15, rtol=0.03)
