@@ -14,7 +14,6 @@ is printed beside it. Also: tokens saved by brain-only patches.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 
 import jax
@@ -24,8 +23,8 @@ import numpy as np
 from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import config_lib
 from roi_mae_jax import masking
-from roi_mae_jax import model as model_lib
 from roi_mae_jax import metrics as metrics_lib
+from roi_mae_jax import model as model_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 
@@ -187,20 +186,10 @@ def _compiled(setup: train_step.TrainSetup, spec: model_lib.TokenSpec, batch_siz
       (batch_size,) + spec.window_shape).astype(np.float32)
   batch = sharding.global_batch({"windows": windows}, setup.mesh)
   compiled, figures = compile_step(setup, state, batch)
-  release_freed_host_memory()
+  metrics_lib.release_freed_host_memory()
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   return compiled, state, batch, figures
-
-
-def release_freed_host_memory() -> None:
-  """Hands the heap the compiler freed back to the OS (glibc's malloc_trim), so
-  that it does not count in the peak RSS of the steps that follow (~260 MiB for
-  the small model); a no-op where glibc is absent."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
 
 
 def _time_steps(runs: list[list], steps: int) -> list[tuple[list[float], dict]]:
