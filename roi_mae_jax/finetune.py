@@ -28,8 +28,6 @@ from absl import logging
 
 from roi_mae_jax import classifier
 from roi_mae_jax import finetuning
-from roi_mae_jax import errors
-from roi_mae_jax import features
 from roi_mae_jax import outputs
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
@@ -41,10 +39,7 @@ OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "cla
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if config.mode not in finetuning.MODES:
-    raise errors.InputError(f"config.mode must be one of {finetuning.MODES}, got "
-                            f"{config.mode!r}")
-  features.check_pools(config.pool)
+  finetuning.check_config(config)  # bad names fail before any work
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)

@@ -143,15 +143,20 @@ def probabilities(logit: np.ndarray, calibration: tuple[float, float]) -> np.nda
   return 1 / (1 + np.exp(-(a * logit + b)))
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Bad mode or pool names, before any work."""
+  if config.mode not in MODES:
+    raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
+  features.check_pools(config.pool)
+
+
 class FineTuning:
   """The fine-tuning of one (config, encoder, data): clips and initial features computed
   once, shared by the cross-validation and the final model."""
 
   def __init__(self, config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
                source):
-    if config.mode not in MODES:
-      raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
-    features.check_pools(config.pool)
+    check_config(config)
     self.config, self.pre, self.source = config, pre, source
     self.table = features.subject_table(source)  # subjects, sites, labels: no encoder run
     self.clips = features.window_clips(source, set(self.table.subjects),
