@@ -61,10 +61,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
                   mask=decay_mask))
 
 
-def _select(ok, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
 @dataclasses.dataclass
 class TrainSetup:
   """Everything the loop needs: shardings, init, and the compiled step."""
@@ -165,13 +161,19 @@ def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler, batch_siz
     masks = sampler.sample_batch(jax.random.fold_in(state["rng"], step), batch_size, scale)
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], batch["windows"], masks)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["bad_step"] < 0)
+
+    # A branch, not a select of new and old: the update then writes the donated
+    # parameters and moments in place, and no pass picks between two copies.
+    def update(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    params, opt_state = jax.lax.cond(ok, update, lambda p, o, g: (p, o),
+                                     state["params"], state["opt_state"], grads)
     new_state = {
-        "params": _select(ok, params, state["params"]),
-        "opt_state": _select(ok, opt_state, state["opt_state"]),
+        "params": params,
+        "opt_state": opt_state,
         "step": step + 1,
         "rng": state["rng"],
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step),
