@@ -75,12 +75,7 @@ def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int 
   """Softmax(q k^T / sqrt(d)) v over (B, T, H, D) arrays; see the module docstring."""
   kind = choose(implementation, jax.default_backend(), q.dtype, q.shape[0], k.shape[1],
                 q.shape[2])
-  if implementation == "auto":
-    key = (kind, q.shape, str(q.dtype))
-    if key not in _logged:  # once per shape, not per trace
-      _logged.add(key)
-      logging.info("attention auto: %s for %s tokens x %s heads (%s, %s)", kind, k.shape[1],
-                   q.shape[2], q.dtype, jax.default_backend())
+  _log_choice(implementation, kind, q.shape, q.dtype)
   if kind == "reference":
     return reference(q, k, v, key_valid)
   if kind == "dense":
@@ -94,6 +89,15 @@ def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int 
     mask = None if key_valid is None else key_valid[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kind)
   return pallas_flash(q, k, v, key_valid)
+
+
+def _log_choice(implementation: str, kind: str, shape, dtype) -> None:
+  """Logs what `auto` chose, once per shape (not per trace)."""
+  key = (kind, shape, str(dtype))
+  if implementation == "auto" and key not in _logged:
+    _logged.add(key)
+    logging.info("attention auto: %s for %s tokens x %s heads (%s, %s)", kind, shape[1],
+                 shape[2], dtype, jax.default_backend())
 
 
 def reference(q, k, v, key_valid=None):
@@ -124,11 +128,44 @@ def dense(q, k, v, key_valid=None):
   logits then runs in cache, where passes over all heads' logits at once
   would stream them through memory (on a 2-core CPU, a quarter less time).
   """
-  b, t, h, d = q.shape
-  heads_first = lambda x: jnp.moveaxis(x, 2, 1).reshape(b * h, t, d)
-  valid = None if key_valid is None else jnp.repeat(key_valid.astype(bool), h, axis=0)
-  out = _dense(heads_first(q), heads_first(k), heads_first(v), valid)
-  return jnp.moveaxis(out.reshape(b, h, t, d), 1, 2)
+  return dense_packed(jnp.stack([q, k, v], axis=2), key_valid)
+
+
+def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: int = 512):
+  """`attend` on the (B, T, 3, H, D) output of a fused q/k/v projection.
+
+  The `dense` kernel reads each head's q, k and v straight from it (no
+  activation is moved heads-first, in either pass); the others get q, k, v.
+  """
+  kind = choose(implementation, jax.default_backend(), qkv.dtype, qkv.shape[0], qkv.shape[1],
+                qkv.shape[3])
+  if kind == "dense":
+    _log_choice(implementation, kind, qkv[:, :, 0].shape, qkv.dtype)
+    return dense_packed(qkv, key_valid)
+  return attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid,
+                implementation=implementation, block=block)
+
+
+def dense_packed(qkv, key_valid=None):
+  """`dense` on qkv (B, T, 3, H, D) -> (B, T, H, D).
+
+  Each (batch, head) step of the loop slices its q, k and v out of `qkv` (a
+  small strided copy) and writes its output rows into (B, T, H, D) in place;
+  the backward pass writes dq, dk, dv into the cotangent of `qkv` the same way.
+  So the (B, T, 3 x H x D) activations are neither transposed heads-first nor
+  kept twice for the backward pass, and the output projection reads the
+  output as it is.
+  """
+  valid = None if key_valid is None else key_valid.astype(bool)
+  return _dense(qkv, valid)
+
+
+def _head(x, b, h, s=None):
+  """(T, D) slice of x (B, T, H, D), or of x (B, T, 3, H, D) at part s."""
+  t, d = x.shape[1], x.shape[-1]
+  if s is None:
+    return jax.lax.dynamic_slice(x, (b, 0, h, 0), (1, t, 1, d)).reshape(t, d)
+  return jax.lax.dynamic_slice(x, (b, 0, s, h, 0), (1, t, 1, 1, d)).reshape(t, d)
 
 
 def _dense_one(q, k, v, valid):
@@ -148,22 +185,38 @@ def _weights(q, k, valid, m=None):
   return jnp.exp(s - m[:, None]), m
 
 
-def _over_heads(fn, *arrays):
-  """fn over the leading (batch x heads) axis of each array, one head at a time."""
-  def one(xs):
-    return fn(*xs)
-  return jax.lax.map(one, arrays)
+def _over_heads(qkv, valid, body, init):
+  """fori_loop of body(b, h, q, k, v, valid_b, i, carry) over (batch, head) pairs i."""
+  batch, _, _, heads, _ = qkv.shape
+
+  def step(i, carry):
+    b, h = i // heads, i % heads
+    q, k, v = (_head(qkv, b, h, s) for s in range(3))
+    valid_b = None if valid is None else jax.lax.dynamic_index_in_dim(valid, b, keepdims=False)
+    return body(b, h, q, k, v, valid_b, i, carry)
+  return jax.lax.fori_loop(0, batch * heads, step, init)
 
 
 @jax.custom_vjp
-def _dense(q, k, v, valid):
-  """q, k, v (N, T, D): N = batch x heads; valid (N, T) or None."""
-  return _over_heads(lambda q, k, v, m: _dense_one(q, k, v, m)[0], q, k, v, valid)
+def _dense(qkv, valid):
+  """qkv (B, T, 3, H, D), valid (B, T) or None -> (B, T, H, D)."""
+  return _dense_fwd(qkv, valid)[0]
 
 
-def _dense_fwd(q, k, v, valid):
-  out, m, l = _over_heads(_dense_one, q, k, v, valid)
-  return out, (q, k, v, valid, out, m, l)
+def _dense_fwd(qkv, valid):
+  batch, t, _, heads, d = qkv.shape
+
+  def body(b, h, q, k, v, valid_b, i, carry):
+    out, m, l = carry
+    o, m_i, l_i = _dense_one(q, k, v, valid_b)
+    out = jax.lax.dynamic_update_slice(out, o.reshape(1, t, 1, d), (b, 0, h, 0))
+    m = jax.lax.dynamic_update_index_in_dim(m, m_i, i, 0)
+    l = jax.lax.dynamic_update_index_in_dim(l, l_i, i, 0)
+    return out, m, l
+  stats = jnp.zeros((batch * heads, t), jnp.float32)
+  out, m, l = _over_heads(qkv, valid, body,
+                          (jnp.zeros((batch, t, heads, d), qkv.dtype), stats, stats))
+  return out, (qkv, valid, out, m, l)
 
 
 def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
@@ -185,8 +238,15 @@ def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
 
 
 def _dense_bwd(residuals, d_out):
-  dq, dk, dv = _over_heads(_dense_bwd_one, *residuals, d_out)
-  return dq, dk, dv, None
+  qkv, valid, out, m, l = residuals
+  t, d = qkv.shape[1], qkv.shape[-1]
+
+  def body(b, h, q, k, v, valid_b, i, d_qkv):
+    grads = _dense_bwd_one(q, k, v, valid_b, _head(out, b, h), m[i], l[i], _head(d_out, b, h))
+    for s, g in enumerate(grads):
+      d_qkv = jax.lax.dynamic_update_slice(d_qkv, g.reshape(1, t, 1, 1, d), (b, 0, s, h, 0))
+    return d_qkv
+  return _over_heads(qkv, valid, body, jnp.zeros_like(qkv)), None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)

@@ -211,16 +211,14 @@ class Attention(nnx.Module):
   def __call__(self, x, key_valid=None):
     """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to."""
     w_qkv, w_out = self.qkv[...].astype(self.dtype), self.out[...].astype(self.dtype)
-    if self.dtype == jnp.bfloat16:  # as two plain matmuls, see _bf16_matmul
-      qkv = _bf16_matmul(x, w_qkv.reshape(w_qkv.shape[0], -1))
-      qkv = jnp.moveaxis(qkv.reshape(*x.shape[:2], *w_qkv.shape[1:]), 2, 0)
-    else:
-      qkv = jnp.einsum("btd,dshk->sbthk", x, w_qkv)
-    y = attention_lib.attend(qkv[0], qkv[1], qkv[2], key_valid,
-                             implementation=self.implementation, block=self.block)
-    if self.dtype == jnp.bfloat16:
-      return _bf16_matmul(y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
-    return jnp.einsum("bthk,hkd->btd", y, w_out)
+    # Both projections as plain (tokens, features) matmuls on the activations'
+    # own layout: q, k, v stay interleaved (B, T, 3, H, D) and the attention
+    # kernel picks each head out of them (see attention.attend_packed).
+    matmul = _bf16_matmul if self.dtype == jnp.bfloat16 else jnp.matmul
+    qkv = matmul(x, w_qkv.reshape(w_qkv.shape[0], -1)).reshape(*x.shape[:2], *w_qkv.shape[1:])
+    y = attention_lib.attend_packed(qkv, key_valid, implementation=self.implementation,
+                                    block=self.block)
+    return matmul(y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
 
 
 class Block(nnx.Module):
