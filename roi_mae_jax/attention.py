@@ -177,12 +177,14 @@ def _dense_one(q, k, v, valid):
 
 
 def _weights(q, k, valid, m=None):
-  """exp(logits - m) for one head, with m the row max unless given, and m."""
-  s = _dot("qd,kd->qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
+  """exp((logits - m) x scale) for one head, with m the row max of the unscaled
+  logits unless given, and m. The scale rides in the exp's pass over the
+  (T, T) logits rather than a pass of its own."""
+  s = _dot("qd,kd->qk", q, k)
   if valid is not None:  # (no mask: no pass over the logits for it)
     s = jnp.where(valid[None, :], s, _MASKED)
   m = s.max(-1) if m is None else m
-  return jnp.exp(s - m[:, None]), m
+  return jnp.exp((s - m[:, None]) * (1.0 / math.sqrt(q.shape[-1]))), m
 
 
 def _over_heads(qkv, valid, body, init):
@@ -220,20 +222,25 @@ def _dense_fwd(qkv, valid):
 
 
 def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
+  """One head's dq, dk, dv. The weights are recomputed (as FlashAttention) keys
+  by queries, P^T = exp((k q^T - m) x scale) / l: then dV = P^T dO, dP^T = v dO^T
+  and dK = dS^T q take their operands as stored, and only dQ = (dS^T)^T k reads
+  one transposed (XLA's CPU matmul libraries copy a transposed operand first)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  p = _weights(q, k, valid, m)[0].astype(v.dtype)  # recomputed, as FlashAttention
-  # dV = P^T dO with P = p / l, as (dO^T p)^T: XLA's CPU backend then runs it as
-  # a plain matmul instead of transposing the (T, T) p.
-  dv = _dot("qd,qk->kd", (d_out / l[:, None]).astype(p.dtype), p)
-  dp = _dot("qd,kd->qk", d_out, v)
+  s_t = _dot("kd,qd->kq", k, q)
+  if valid is not None:
+    s_t = jnp.where(valid[:, None], s_t, _MASKED)
+  p_t = jnp.exp((s_t - m[None, :]) * scale).astype(v.dtype)  # unnormalised
+  dv = _dot("kq,qd->kd", p_t, (d_out / l[:, None]).astype(p_t.dtype))
+  dp_t = _dot("kd,qd->kq", v, d_out)
   delta = jnp.einsum("qd,qd->q", d_out, out, preferred_element_type=jnp.float32)
   # dS = P (dP - delta); hidden keys' logits are constants (no gradient).
-  ds = p * ((dp - delta[:, None]) * (scale / l)[:, None])
+  ds_t = p_t * ((dp_t - delta[None, :]) * (scale / l)[None, :])
   if valid is not None:
-    ds = jnp.where(valid[None, :], ds, 0.0)
-  ds = ds.astype(q.dtype)
-  dq = _dot("qk,kd->qd", ds, k)
-  dk = _dot("qd,qk->kd", q, ds)
+    ds_t = jnp.where(valid[:, None], ds_t, 0.0)
+  ds_t = ds_t.astype(q.dtype)
+  dk = _dot("kq,qd->kd", ds_t, q)
+  dq = _dot("kq,kd->qd", ds_t, k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
