@@ -128,7 +128,8 @@ class TrainSetup:
         make_step_fn(graphdef, tx, schedule, sampler, batch_size, token_weight, adaptive),
         in_shardings=(shardings, {"windows": sharding_lib.batch_sharding(mesh)}),
         out_shardings=(shardings, replicated),
-        donate_argnums=0)
+        donate_argnums=0,
+        compiler_options=compiler_options(mesh))
     return cls(graphdef, mesh, tx, schedule, sampler, batch_size, shardings, abstract,
                jax.jit(init, out_shardings=shardings), step)
 
@@ -138,6 +139,16 @@ class TrainSetup:
   def model(self, state: State) -> model_lib.MaskedAutoencoder:
     """The NNX model holding `state`'s parameters (for plots, probes, attribution)."""
     return nnx.merge(self.graphdef, state["params"])
+
+
+def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
+  """XLA options for the step on `mesh`'s platform. On CPUs, the scheduler that
+  orders work to keep fewer buffers alive: the demo model's step needs 707
+  instead of 796 MiB of temporaries at the same speed (XLA's default CPU
+  scheduler orders for concurrency on many cores)."""
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  return None
 
 
 def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler, batch_size: int,
