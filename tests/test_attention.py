@@ -59,6 +59,21 @@ def test_dense_equals_reference_in_values_and_gradients(masked):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("kernel", ["dense", "chunked"])
+def test_attend_packed_reads_heads_from_the_fused_projection(kernel):
+  """(B, T, 3, H, D) in, as the model's q/k/v projection lays it out: the same
+  values and gradients as the reference on q, k, v sliced out of it."""
+  q, k, v, cotangent = _qkv(23, seed=5)
+  qkv = jnp.stack([q, k, v], axis=2)
+  valid = _key_valid(23)
+  packed = lambda x: jnp.sum(attention.attend_packed(x, valid, implementation=kernel, block=8)
+                             * cotangent)
+  unpacked = lambda x: jnp.sum(attention.reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], valid)
+                               * cotangent)
+  np.testing.assert_allclose(packed(qkv), unpacked(qkv), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(packed)(qkv), jax.grad(unpacked)(qkv), atol=1e-5, rtol=0)
+
+
 def test_chunked_bfloat16_stays_close_to_float32():
   q, k, v, _ = _qkv(40)
   valid = _key_valid(40, hide_all_in_row=False)

@@ -111,6 +111,7 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   assert figures["vs_dtype"]["dtype"] == "bfloat16" and figures["vs_dtype"]["step_s"] > 0
   assert figures["host_peak_rss_mib"] > 0
   assert 0 < figures["mfu"] and figures["step_s"] > 0
+  assert 0 < figures["mfu_cpu"] and figures["step_cpu_s"] > 0 and "by CPU time" in printed
   # The analytic count (matmuls only) is close to XLA's count. Not always below it:
   # XLA counts a loop's body once, and `dense` attention loops over heads.
   assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 2.0

@@ -47,18 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
 
 
-def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> float:
-  """FLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`."""
+def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> tuple[float, float]:
+  """(FLOP/s, FLOP per CPU-second) of a jitted (size x size) @ (size x size)
+  matmul, each the best of `repeats`. The second is for CPUs shared with other
+  work, where wall time swings with their load (see `speed_figures`)."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(matmul(a, b))
-  best = np.inf
+  best, best_cpu = np.inf, np.inf
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(matmul(a, b))
     best = min(best, time.perf_counter() - start)
-  return 2.0 * size ** 3 / best
+    best_cpu = min(best_cpu, time.process_time() - start_cpu)
+  flops = 2.0 * size ** 3
+  return flops / best, flops / max(best_cpu, 1e-9)
 
 
 def analytic_flops(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_keep: int,
@@ -124,16 +128,25 @@ def compile_step(setup: train_step.TrainSetup, state, batch) -> tuple[object, di
 
 
 def speed_figures(config, spec: model_lib.TokenSpec, sampler: masking.MaskSampler, step_s: float,
-                  devices: int, peak_size: int) -> dict:
-  """tokens/s, analytic FLOPs, achieved FLOP/s, measured matmul peak and MFU."""
+                  devices: int, peak_size: int, step_cpu_s: float | None = None) -> dict:
+  """tokens/s, analytic FLOPs, achieved FLOP/s, measured matmul peak and MFU.
+
+  On a CPU, with `step_cpu_s` (CPU seconds of the process per step), also
+  `mfu_cpu`: FLOPs per CPU-second of the step over those of the peak matmul,
+  which other jobs on the machine move much less than wall-time MFU.
+  """
   flops = analytic_flops(spec, config.model.size, config.model.mlp_ratio, sampler.num_keep,
                          config.batch_size)
-  peak = measure_matmul_peak(peak_size, model_lib.DTYPES[config.model.dtype]) * devices
-  return {"step_s": step_s,
-          "tokens_per_s": config.batch_size * spec.num_tokens / step_s,
-          "encoder_tokens_per_s": config.batch_size * sampler.num_keep / step_s,
-          "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
-          "peak_matmul_flops_per_s": peak, "mfu": flops / step_s / peak}
+  peak, peak_cpu = measure_matmul_peak(peak_size, model_lib.DTYPES[config.model.dtype])
+  figures = {"step_s": step_s,
+             "tokens_per_s": config.batch_size * spec.num_tokens / step_s,
+             "encoder_tokens_per_s": config.batch_size * sampler.num_keep / step_s,
+             "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
+             "peak_matmul_flops_per_s": peak * devices, "mfu": flops / step_s / (peak * devices)}
+  if step_cpu_s and jax.default_backend() == "cpu":
+    figures.update({"step_cpu_s": step_cpu_s, "peak_matmul_flops_per_cpu_s": peak_cpu,
+                    "mfu_cpu": flops / step_cpu_s / peak_cpu})
+  return figures
 
 
 def describe(config, setup, spec, patch_map) -> str:
@@ -150,6 +163,11 @@ def print_speed(figures: dict, dtype: str) -> None:
         f"{figures['xla_flops_per_step']:.4g}")
   print(f"achieved {figures['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s; measured {dtype} matmul "
         f"peak {figures['peak_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; MFU {figures['mfu']:.1%}")
+  if "mfu_cpu" in figures:
+    print(f"by CPU time: {figures['step_cpu_s']:.2f} CPU-s per step; "
+          f"{figures['model_flops_per_step'] / figures['step_cpu_s'] / 1e9:.1f} GFLOP per CPU-s "
+          f"against the peak matmul's {figures['peak_matmul_flops_per_cpu_s'] / 1e9:.1f}; "
+          f"MFU {figures['mfu_cpu']:.1%}")
 
 
 def run(args) -> dict:
@@ -162,9 +180,9 @@ def run(args) -> dict:
 
   compiled, state, batch, figures = _compiled(setup, spec, config.batch_size)
   steps_run = [compiled, state, batch]
-  (times, metrics), = _time_steps([steps_run], args.steps)
+  (times, cpu_times, metrics), = _time_steps([steps_run], args.steps)
   figures.update(speed_figures(config, spec, sampler, float(np.median(times)), setup.mesh.size,
-                               args.peak_size))
+                               args.peak_size, float(np.median(cpu_times))))
   figures.update({"device": jax.devices()[0].device_kind, "devices": setup.mesh.size,
                   "model": config.model.size, "dtype": config.model.dtype,
                   "batch": config.batch_size, "tokens_brain": spec.num_tokens,
@@ -192,18 +210,20 @@ def _compiled(setup: train_step.TrainSetup, spec: model_lib.TokenSpec, batch_siz
   return compiled, state, batch, figures
 
 
-def _time_steps(runs: list[list], steps: int) -> list[tuple[list[float], dict]]:
-  """(seconds per step, last metrics) of each [compiled, state, batch], the runs
-  taking turns step by step so that a shared machine's load falls on all alike.
-  Each run's state is replaced by its new one (the old one was donated)."""
-  out = [([], None) for _ in runs]
+def _time_steps(runs: list[list], steps: int) -> list[tuple[list[float], list[float], dict]]:
+  """(seconds per step, CPU seconds per step, last metrics) of each [compiled,
+  state, batch], the runs taking turns step by step so that a shared machine's
+  load falls on all alike. Each run's state is replaced by its new one (the old
+  one was donated)."""
+  out = [([], [], None) for _ in runs]
   for _ in range(steps):
     for i, run in enumerate(runs):
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       run[1], metrics = run[0](run[1], run[2])
       jax.block_until_ready(metrics)
       out[i][0].append(time.perf_counter() - start)
-      out[i] = (out[i][0], metrics)
+      out[i][1].append(time.process_time() - start_cpu)
+      out[i] = (out[i][0], out[i][1], metrics)
   return out
 
 
@@ -214,8 +234,8 @@ def versus_dtype(config, args, run: list) -> dict:
   other.model.dtype = args.vs_dtype
   setup, spec, _, _ = build(other)
   compiled, state, batch, _ = _compiled(setup, spec, other.batch_size)
-  mine, theirs = (np.median(t) for t, _ in _time_steps([run, [compiled, state, batch]],
-                                                       args.steps))
+  mine, theirs = (np.median(t) for t, _, _ in _time_steps([run, [compiled, state, batch]],
+                                                          args.steps))
   print(f"{args.vs_dtype}: {theirs * 1e3:.1f} ms/step vs {config.model.dtype} "
         f"{mine * 1e3:.1f} ms/step in turns ({mine / theirs:.2f}x as fast)")
   return {"dtype": args.vs_dtype, "step_s": float(theirs), "this_dtype_step_s": float(mine),
