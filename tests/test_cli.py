@@ -169,6 +169,17 @@ def test_bench_memory_prints_memory_per_window_and_largest_batches(tmp_path, cap
   assert set(figures["compile_s"]) == {"unrolled", "scan"}
 
 
+def test_memory_not_affine_in_the_batch_counts_only_the_measured_points(monkeypatch):
+  from roi_mae_jax.bench import memory  # pylint: disable=g-import-not-at-top
+  gib = 2**30
+  sizes = {1: 65 * gib, 2: 155 * gib}  # a second window costing more than the first step
+  monkeypatch.setattr(memory, "compiled_step",
+                      lambda config, batch: {"step_memory_bytes": sizes[batch], "compile_s": 1.0})
+  row = memory.per_window(None)
+  assert row["fixed_bytes"] is None and row["window_bytes"] == 90 * gib
+  assert row["largest_batch"] == {"80 GiB (H100)": 1, "16 GiB (TPU v5e)": 0}
+
+
 def test_largest_batch_search_and_the_compiled_memory_it_uses(monkeypatch):
   assert overview.largest_batch(lambda b: b <= 37, start=8) == 37
   assert overview.largest_batch(lambda b: b <= 5, start=8) == 5
