@@ -49,7 +49,7 @@ done
 status=0
 running=$num_processes
 while ((running > 0 && status == 0)); do
-  sleep 1
+  sleep 0.2
   running=0
   for i in "${!pids[@]}"; do
     pid=${pids[$i]}

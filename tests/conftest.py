@@ -12,10 +12,17 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 # A persistent compilation cache outside the checkout: a later run of the suite on
 # the same machine (a fresh clone too) skips most XLA compiles.
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "ROI_MAE_TEST_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "roi_mae_jax",
-                                           "xla_tests")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+_XLA_CACHE = os.environ.get("ROI_MAE_TEST_XLA_CACHE", os.path.join(
+    os.path.expanduser("~"), ".cache", "roi_mae_jax", "xla_tests"))
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+# Every program, however quick to compile: the suite compiles hundreds of small
+# ones (eager ops, tiny models), and reading each back is faster than compiling it.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The same cache for the processes tests start (the CLI, the launchers, the notebook's
+# kernel): JAX reads these variables at import, so each child's pretraining step
+# compiles once per machine rather than once per process.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top

@@ -25,6 +25,13 @@ def _model(spec, **overrides):
   return model_lib.MaskedAutoencoder(spec, cfg, rngs=nnx.Rngs(0))
 
 
+def _compiled(model, masks):
+  """windows -> model(windows, masks), one compiled program (op-by-op it takes seconds)."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, w: nnx.merge(graphdef, s)(w, masks))
+  return lambda windows: forward(state, windows)
+
+
 def _windows(spec, batch=2, seed=1):
   return jax.random.normal(jax.random.key(seed), (batch,) + spec.window_shape)
 
@@ -50,13 +57,20 @@ def test_forward_shapes_and_finite_gradients(setting):
   _, _, spec, sampler = setting
   model = _model(spec)
   masks = sampler.sample_batch(jax.random.key(0), 2)
-  out = model(_windows(spec), masks)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit  # one compiled program: op-by-op dispatch of the backward pass takes seconds
+  def forward_and_grads(p):
+    def loss(p):
+      out = nnx.merge(graphdef, p)(_windows(spec), masks)
+      return out["loss"], out
+    return jax.grad(loss, has_aux=True)(p)
+
+  grads, out = forward_and_grads(params)
   assert out["tokens"].shape == (2, spec.num_tokens, spec.token_dim)
   assert out["encoded"].shape == (2, sampler.num_keep, 64)
   assert out["prediction"].shape == (2, spec.num_tokens, spec.token_dim)
   assert out["mask"].shape == (2, spec.num_tokens)
-  graphdef, params = nnx.split(model, nnx.Param)
-  grads = jax.grad(lambda p: nnx.merge(graphdef, p)(_windows(spec), masks)["loss"])(params)
   norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
 
@@ -84,8 +98,9 @@ def test_encoder_sees_only_visible_tokens(setting):
   tok = spec.patchify(windows)
   hidden = jnp.where(masks.mask[..., None], 50.0, tok)  # change masked voxels only
   changed = spec.unpatchify(hidden)
-  a = model(windows, masks)["encoded"]
-  b = model(changed, masks)["encoded"]
+  forward = _compiled(model, masks)
+  a = forward(windows)["encoded"]
+  b = forward(changed)["encoded"]
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
@@ -96,7 +111,7 @@ def test_options_bf16_norm_target_learned_positions_no_regions(setting):
   n_base = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
   variant = _model(spec, dtype="bfloat16", norm_target=True, pos_embedding="learned",
                    region_embedding=False)
-  out = variant(_windows(spec), masks)
+  out = _compiled(variant, masks)(_windows(spec))
   assert np.isfinite(float(out["loss"]))
   params = nnx.state(variant, nnx.Param)
   assert {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
