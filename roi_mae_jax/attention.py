@@ -146,114 +146,141 @@ def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: i
                 implementation=implementation, block=block)
 
 
-def dense_packed(qkv, key_valid=None):
+def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):
   """`dense` on qkv (B, T, 3, H, D) -> (B, T, H, D).
 
-  Each (batch, head) step of the loop slices its q, k and v out of `qkv` (a
-  small strided copy) and writes its output rows into (B, T, H, D) in place;
-  the backward pass writes dq, dk, dv into the cotangent of `qkv` the same way.
-  So the (B, T, 3 x H x D) activations are neither transposed heads-first nor
-  kept twice for the backward pass, and the output projection reads the
-  output as it is.
+  Each step of the loop over (batch, head group) slices its heads' q, k and v
+  out of `qkv` (a small strided copy) and writes its output rows into
+  (B, T, H, D) in place; the backward pass writes dq, dk, dv into the cotangent
+  of `qkv` the same way. So the (B, T, 3 x H x D) activations are neither
+  transposed heads-first nor kept twice for the backward pass, and the output
+  projection reads the output as it is. `heads_per_step` (0: `_heads_per_step`)
+  heads go through each step together.
   """
   valid = None if key_valid is None else key_valid.astype(bool)
-  return _dense(qkv, valid)
+  group = heads_per_step or _heads_per_step(qkv.shape[3], qkv.shape[1])
+  if qkv.shape[3] % group:
+    raise errors.InputError(f"{group} heads per step do not divide {qkv.shape[3]} heads")
+  return _dense(qkv, valid, group)
 
 
-def _head(x, b, h, s=None):
-  """(T, D) slice of x (B, T, H, D), or of x (B, T, 3, H, D) at part s."""
+# One loop step's float32 logits stay under this: bigger steps are fewer (a loop
+# step costs a few microseconds per op on a CPU), smaller ones stay in cache.
+_STEP_LOGITS_BYTES = 4 * 2**20
+
+
+def _heads_per_step(heads: int, tokens: int) -> int:
+  """The most heads dividing `heads` whose (tokens x tokens) float32 logits
+  together fit _STEP_LOGITS_BYTES (at least 1)."""
+  fits = [g for g in range(1, heads + 1)
+          if heads % g == 0 and g * tokens * tokens * 4 <= _STEP_LOGITS_BYTES]
+  return max(fits, default=1)
+
+
+def _heads(x, b, h, group, s=None):
+  """(group, T, D) slice of x (B, T, H, D), or of x (B, T, 3, H, D) at part s,
+  from head h on."""
   t, d = x.shape[1], x.shape[-1]
   if s is None:
-    return jax.lax.dynamic_slice(x, (b, 0, h, 0), (1, t, 1, d)).reshape(t, d)
-  return jax.lax.dynamic_slice(x, (b, 0, s, h, 0), (1, t, 1, 1, d)).reshape(t, d)
+    part = jax.lax.dynamic_slice(x, (b, 0, h, 0), (1, t, group, d))
+  else:
+    part = jax.lax.dynamic_slice(x, (b, 0, s, h, 0), (1, t, 1, group, d))
+  return jnp.swapaxes(part.reshape(t, group, d), 0, 1)
+
+
+def _rows(x):
+  """(group, T, D) -> (1, T, group, D): as a slice of a (B, T, H, D) array."""
+  return jnp.swapaxes(x, 0, 1)[None]
 
 
 def _dense_one(q, k, v, valid):
-  """One head: (T, D) x 3, valid (T,) or None -> (out, row max m, row sums l)."""
+  """Heads (n, T, D) x 3, valid (T,) or None -> (out, row max m, row sums l)."""
   p, m = _weights(q, k, valid)
-  l = p.sum(-1)  # (T,)
-  out = _dot("qk,kd->qd", p.astype(v.dtype), v) / l[:, None]
+  l = p.sum(-1)  # (n, T)
+  out = _dot("nqk,nkd->nqd", p.astype(v.dtype), v) / l[..., None]
   return out.astype(q.dtype), m, l
 
 
 def _weights(q, k, valid, m=None):
-  """exp((logits - m) x scale) for one head, with m the row max of the unscaled
-  logits unless given, and m. The scale rides in the exp's pass over the
-  (T, T) logits rather than a pass of its own."""
-  s = _dot("qd,kd->qk", q, k)
+  """exp((logits - m) x scale) for heads (n, T, D), with m the row max of the
+  unscaled logits unless given, and m. The scale rides in the exp's pass over
+  the (T, T) logits rather than a pass of its own."""
+  s = _dot("nqd,nkd->nqk", q, k)
   if valid is not None:  # (no mask: no pass over the logits for it)
-    s = jnp.where(valid[None, :], s, _MASKED)
+    s = jnp.where(valid[None, None, :], s, _MASKED)
   m = s.max(-1) if m is None else m
-  return jnp.exp((s - m[:, None]) * (1.0 / math.sqrt(q.shape[-1]))), m
+  return jnp.exp((s - m[..., None]) * (1.0 / math.sqrt(q.shape[-1]))), m
 
 
-def _over_heads(qkv, valid, body, init):
-  """fori_loop of body(b, h, q, k, v, valid_b, i, carry) over (batch, head) pairs i."""
+def _over_heads(qkv, valid, group, body, init):
+  """fori_loop of body(b, h, q, k, v, valid_b, i, carry) over groups i of
+  `group` heads: batch b, heads h..h+group, q, k, v (group, T, D)."""
   batch, _, _, heads, _ = qkv.shape
+  steps_per_batch = heads // group
 
   def step(i, carry):
-    b, h = i // heads, i % heads
-    q, k, v = (_head(qkv, b, h, s) for s in range(3))
+    b, h = i // steps_per_batch, (i % steps_per_batch) * group
+    q, k, v = (_heads(qkv, b, h, group, s) for s in range(3))
     valid_b = None if valid is None else jax.lax.dynamic_index_in_dim(valid, b, keepdims=False)
     return body(b, h, q, k, v, valid_b, i, carry)
-  return jax.lax.fori_loop(0, batch * heads, step, init)
+  return jax.lax.fori_loop(0, batch * steps_per_batch, step, init)
 
 
-@jax.custom_vjp
-def _dense(qkv, valid):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(qkv, valid, group):
   """qkv (B, T, 3, H, D), valid (B, T) or None -> (B, T, H, D)."""
-  return _dense_fwd(qkv, valid)[0]
+  return _dense_fwd(qkv, valid, group)[0]
 
 
-def _dense_fwd(qkv, valid):
+def _dense_fwd(qkv, valid, group):
   batch, t, _, heads, d = qkv.shape
 
   def body(b, h, q, k, v, valid_b, i, carry):
     out, m, l = carry
     o, m_i, l_i = _dense_one(q, k, v, valid_b)
-    out = jax.lax.dynamic_update_slice(out, o.reshape(1, t, 1, d), (b, 0, h, 0))
+    out = jax.lax.dynamic_update_slice(out, _rows(o), (b, 0, h, 0))
     m = jax.lax.dynamic_update_index_in_dim(m, m_i, i, 0)
     l = jax.lax.dynamic_update_index_in_dim(l, l_i, i, 0)
     return out, m, l
-  stats = jnp.zeros((batch * heads, t), jnp.float32)
-  out, m, l = _over_heads(qkv, valid, body,
+  stats = jnp.zeros((batch * heads // group, group, t), jnp.float32)
+  out, m, l = _over_heads(qkv, valid, group, body,
                           (jnp.zeros((batch, t, heads, d), qkv.dtype), stats, stats))
   return out, (qkv, valid, out, m, l)
 
 
 def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
-  """One head's dq, dk, dv. The weights are recomputed (as FlashAttention) keys
-  by queries, P^T = exp((k q^T - m) x scale) / l: then dV = P^T dO, dP^T = v dO^T
+  """Heads' dq, dk, dv. The weights are recomputed (as FlashAttention) keys by
+  queries, P^T = exp((k q^T - m) x scale) / l: then dV = P^T dO, dP^T = v dO^T
   and dK = dS^T q take their operands as stored, and only dQ = (dS^T)^T k reads
   one transposed (XLA's CPU matmul libraries copy a transposed operand first)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  s_t = _dot("kd,qd->kq", k, q)
+  s_t = _dot("nkd,nqd->nkq", k, q)
   if valid is not None:
-    s_t = jnp.where(valid[:, None], s_t, _MASKED)
-  p_t = jnp.exp((s_t - m[None, :]) * scale).astype(v.dtype)  # unnormalised
-  dv = _dot("kq,qd->kd", p_t, (d_out / l[:, None]).astype(p_t.dtype))
-  dp_t = _dot("kd,qd->kq", v, d_out)
-  delta = jnp.einsum("qd,qd->q", d_out, out, preferred_element_type=jnp.float32)
+    s_t = jnp.where(valid[None, :, None], s_t, _MASKED)
+  p_t = jnp.exp((s_t - m[:, None, :]) * scale).astype(v.dtype)  # unnormalised
+  dv = _dot("nkq,nqd->nkd", p_t, (d_out / l[..., None]).astype(p_t.dtype))
+  dp_t = _dot("nkd,nqd->nkq", v, d_out)
+  delta = jnp.einsum("nqd,nqd->nq", d_out, out, preferred_element_type=jnp.float32)
   # dS = P (dP - delta); hidden keys' logits are constants (no gradient).
-  ds_t = p_t * ((dp_t - delta[None, :]) * (scale / l)[None, :])
+  ds_t = p_t * ((dp_t - delta[:, None, :]) * (scale / l)[:, None, :])
   if valid is not None:
-    ds_t = jnp.where(valid[:, None], ds_t, 0.0)
+    ds_t = jnp.where(valid[None, :, None], ds_t, 0.0)
   ds_t = ds_t.astype(q.dtype)
-  dk = _dot("kq,qd->kd", ds_t, q)
-  dq = _dot("kq,kd->qd", ds_t, k)
+  dk = _dot("nkq,nqd->nkd", ds_t, q)
+  dq = _dot("nkq,nkd->nqd", ds_t, k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _dense_bwd(residuals, d_out):
+def _dense_bwd(group, residuals, d_out):
   qkv, valid, out, m, l = residuals
-  t, d = qkv.shape[1], qkv.shape[-1]
 
   def body(b, h, q, k, v, valid_b, i, d_qkv):
-    grads = _dense_bwd_one(q, k, v, valid_b, _head(out, b, h), m[i], l[i], _head(d_out, b, h))
+    grads = _dense_bwd_one(q, k, v, valid_b, _heads(out, b, h, group), m[i], l[i],
+                           _heads(d_out, b, h, group))
     for s, g in enumerate(grads):
-      d_qkv = jax.lax.dynamic_update_slice(d_qkv, g.reshape(1, t, 1, 1, d), (b, 0, s, h, 0))
+      d_qkv = jax.lax.dynamic_update_slice(d_qkv, _rows(g)[:, :, None], (b, 0, s, h, 0))
     return d_qkv
-  return _over_heads(qkv, valid, body, jnp.zeros_like(qkv)), None
+  return _over_heads(qkv, valid, group, body, jnp.zeros_like(qkv)), None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)

@@ -59,19 +59,31 @@ def test_dense_equals_reference_in_values_and_gradients(masked):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("kernel", ["dense", "chunked"])
-def test_attend_packed_reads_heads_from_the_fused_projection(kernel):
+@pytest.mark.parametrize("kernel,heads_per_step", [("dense", 1), ("dense", 2), ("chunked", 0)])
+def test_attend_packed_reads_heads_from_the_fused_projection(kernel, heads_per_step):
   """(B, T, 3, H, D) in, as the model's q/k/v projection lays it out: the same
-  values and gradients as the reference on q, k, v sliced out of it."""
-  q, k, v, cotangent = _qkv(23, seed=5)
+  values and gradients as the reference on q, k, v sliced out of it, with one
+  or several heads per step of the dense kernel's loop."""
+  q, k, v, cotangent = _qkv(23, seed=5, heads=4)
   qkv = jnp.stack([q, k, v], axis=2)
   valid = _key_valid(23)
-  packed = lambda x: jnp.sum(attention.attend_packed(x, valid, implementation=kernel, block=8)
-                             * cotangent)
+  if kernel == "dense":
+    attend = lambda x: attention.dense_packed(x, valid, heads_per_step)
+  else:
+    attend = lambda x: attention.attend_packed(x, valid, implementation=kernel, block=8)
+  packed = lambda x: jnp.sum(attend(x) * cotangent)
   unpacked = lambda x: jnp.sum(attention.reference(x[:, :, 0], x[:, :, 1], x[:, :, 2], valid)
                                * cotangent)
   np.testing.assert_allclose(packed(qkv), unpacked(qkv), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(packed)(qkv), jax.grad(unpacked)(qkv), atol=1e-5, rtol=0)
+
+
+def test_dense_groups_heads_by_the_size_of_their_logits():
+  assert attention._heads_per_step(6, 654) == 2   # 2 x 1.7 MB of logits per loop step
+  assert attention._heads_per_step(4, 1310) == 1  # one head's are 6.9 MB already
+  assert attention._heads_per_step(3, 29) == 3
+  with pytest.raises(errors.InputError, match="do not divide"):
+    attention.dense_packed(jnp.zeros((1, 5, 3, 3, 4)), None, heads_per_step=2)
 
 
 def test_chunked_bfloat16_stays_close_to_float32():
