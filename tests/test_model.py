@@ -46,7 +46,7 @@ def test_patchify_round_trip_keeps_brain_patches_only(setting):
   np.testing.assert_array_equal(back[:, brain], np.asarray(windows)[:, brain])
   assert np.all(back[:, ~brain] == 0)
   # Token t * P + p is patch p in time chunk t: its first voxel is the patch corner.
-  p, pt = spec.patch_size, spec.patch_frames
+  pt = spec.patch_frames
   origin = patch_map.patch_origin_voxels(spec.brain_patches[3:4])[0]
   t = 1
   expected = np.asarray(windows)[0, origin[0], origin[1], origin[2], t * pt]
