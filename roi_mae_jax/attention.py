@@ -6,8 +6,8 @@ q, k, v are (batch, tokens, heads, head_dim); `key_valid` (B, T) bool says which
 tokens may be attended to (reconstruction by region hides some). Kernels:
 
   reference  two einsums and a float32 softmax; materialises (B, H, T, T)
-  dense      the same, one (batch, head) at a time so each head's (T, T)
-             logits stay in cache, with a hand-written backward that
+  dense      the same, a few heads at a time (their (T, T) logits under
+             4 MiB) so the logits stay in cache, with a hand-written backward that
              recomputes them (on a CPU the softmax passes cost as much as the
              matmuls)
   xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
@@ -124,8 +124,8 @@ def dense(q, k, v, key_valid=None):
   softmax normalisation is applied to the (T, D) output, not the (T, T) weights,
   and the backward takes the softmax row term from dO . O (as FlashAttention).
 
-  One (batch, head) at a time, in a loop: each pass over that head's (T, T)
-  logits then runs in cache, where passes over all heads' logits at once
+  A few heads at a time, in a loop (see `dense_packed`): each pass over their
+  (T, T) logits then runs in cache, where passes over all heads' logits at once
   would stream them through memory (on a 2-core CPU, a quarter less time).
   """
   return dense_packed(jnp.stack([q, k, v], axis=2), key_valid)
@@ -140,7 +140,8 @@ def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: i
   kind = choose(implementation, jax.default_backend(), qkv.dtype, qkv.shape[0], qkv.shape[1],
                 qkv.shape[3])
   if kind == "dense":
-    _log_choice(implementation, kind, qkv[:, :, 0].shape, qkv.dtype)
+    b, t, _, h, d = qkv.shape
+    _log_choice(implementation, kind, (b, t, h, d), qkv.dtype)
     return dense_packed(qkv, key_valid)
   return attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid,
                 implementation=implementation, block=block)
