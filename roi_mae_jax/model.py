@@ -27,6 +27,7 @@ from flax import nnx
 
 from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import errors
+from roi_mae_jax import fused_layers
 from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import scan_slices
@@ -154,37 +155,14 @@ def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
 
 def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=None, **kwargs):
-  """nnx.Linear's x @ W: bfloat16 through `_bf16_matmul`, else lax.dot_general."""
+  """nnx.Linear's x @ W: bfloat16 through `fused_layers.bf16_matmul`, else lax.dot_general."""
   standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
   if lhs.dtype == rhs.dtype == jnp.bfloat16 and standard and rhs.ndim == 2:
-    return _bf16_matmul(lhs, rhs)
+    return fused_layers.bf16_matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type, **kwargs)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x, w):
-  """x (..., n) @ w (n, m) for bfloat16 x and w, accumulated in float32 and
-  rounded to bfloat16 (as a bfloat16 matmul on a GPU or TPU). Forward and
-  backward matmuls take bfloat16 operands and accumulate in float32: XLA's CPU
-  backend runs those natively (AMX / AVX-512 BF16), where a bfloat16-output
-  matmul, or one with a float32 cotangent, goes through float32 copies."""
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _bf16_matmul_fwd(x, w):
-  return _bf16_matmul(x, w), (x, w)
-
-
-def _bf16_matmul_bwd(residuals, g):
-  x, w = residuals
-  g = g.astype(x.dtype)
-  dx = jnp.einsum("...m,nm->...n", g, w, preferred_element_type=jnp.float32)
-  dw = jnp.einsum("...n,...m->nm", x, g, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def _norm(rngs, width) -> nnx.LayerNorm:
@@ -208,17 +186,27 @@ class Attention(nnx.Module):
     self.implementation = implementation
     self.block = block
 
-  def __call__(self, x, key_valid=None):
-    """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to."""
-    w_qkv, w_out = self.qkv[...].astype(self.dtype), self.out[...].astype(self.dtype)
+  def __call__(self, x, key_valid=None, norm: nnx.LayerNorm | None = None):
+    """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to.
+
+    With `norm`, attends over norm(x), recomputing the norm in backward (see
+    fused_layers) instead of keeping it.
+    """
+    w_qkv, w_out = self.qkv[...], self.out[...]
     # Both projections as plain (tokens, features) matmuls on the activations'
     # own layout: q, k, v stay interleaved (B, T, 3, H, D) and the attention
     # kernel picks each head out of them (see attention.attend_packed).
-    matmul = _bf16_matmul if self.dtype == jnp.bfloat16 else jnp.matmul
-    qkv = matmul(x, w_qkv.reshape(w_qkv.shape[0], -1)).reshape(*x.shape[:2], *w_qkv.shape[1:])
+    flat_qkv = w_qkv.reshape(w_qkv.shape[0], -1)
+    if norm is None:
+      qkv = fused_layers.matmul_for(self.dtype)(x.astype(self.dtype), flat_qkv.astype(self.dtype))
+    else:
+      qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...], flat_qkv, None,
+                                    self.dtype, norm.epsilon)
+    qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
     y = attention_lib.attend_packed(qkv, key_valid, implementation=self.implementation,
                                     block=self.block)
-    return matmul(y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
+    return fused_layers.matmul_for(self.dtype)(
+        y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]).astype(self.dtype))
 
 
 class Block(nnx.Module):
@@ -236,15 +224,17 @@ class Block(nnx.Module):
     self.mlp_chunk = int(config.get("mlp_chunk", 0))
 
   def __call__(self, x, key_valid=None):
-    x = x + self.attn(self.norm1(x).astype(self.dtype), key_valid)
-    mlp = lambda h: self.down(_gelu(self.up(h)))
-    return x + _over_token_chunks(mlp, self.norm2(x).astype(self.dtype), self.mlp_chunk)
+    # Layer norm and GELU are recomputed in backward (fused_layers): the
+    # backward pass keeps each block's residual stream, q/k/v, the attention
+    # output and the MLP's pre-activation, not the norms' or GELU's outputs.
+    x = x + self.attn(x, key_valid, norm=self.norm1)
+    return x + _over_token_chunks(self._mlp, x, self.mlp_chunk)
 
-
-# GELU's backward recomputes its tanh from the input instead of keeping the
-# intermediates of the forward pass: two fewer (tokens x mlp width) arrays per
-# block held for the backward pass.
-_gelu = jax.checkpoint(jax.nn.gelu)
+  def _mlp(self, x):
+    hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
+                                     self.up.kernel[...], self.up.bias[...], self.dtype,
+                                     self.norm2.epsilon)
+    return fused_layers.gelu_dense(hidden, self.down.kernel[...], self.down.bias[...], self.dtype)
 
 
 def _over_token_chunks(fn, x, chunk: int):
