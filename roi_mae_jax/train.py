@@ -142,10 +142,9 @@ def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.To
 
 def _compile(setup: train_step.TrainSetup, state, batch):
   start = time.time()
-  compiled = setup.step.lower(state, batch).compile()
+  compiled = setup.compile(state, batch)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  metrics_lib.release_freed_host_memory()  # the compiler's scratch heap, as bench measures
   memory = compiled.memory_analysis()
   logging.info("step compiled in %.1f s: %.3g FLOPs per step and device, %s", time.time() - start,
                cost.get("flops", float("nan")),

@@ -54,6 +54,23 @@ def test_tiny_model_overfits_one_fixed_batch():
   assert losses[-1] < 0.1 * losses[0], losses[::10]
 
 
+def test_compiled_step_equals_jitted_step_and_init_repeats():
+  """setup.compile (ahead of time, jit's trace let go) runs the same step as
+  setup.step; init, whose executable is dropped after use, builds it again."""
+  config = load_config("pretrain_aal3", "test")
+  setup, mesh = _setup(config, jax.devices()[:1])
+  batch = sharding.global_batch({"windows": _fixed_batch(config, config.batch_size)}, mesh)
+  first, second = setup.init(), setup.init()
+  def values(x):
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(values(a), values(b))
+  compiled = setup.compile(second, batch)
+  _, want = setup.step(first, batch)
+  _, got = compiled(second, batch)
+  np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
+
+
 def test_sharded_step_matches_single_device():
   config = load_config("pretrain_aal3", "test")
   config.model.size = "tiny"  # 2 heads: tensor axis 2 splits them

@@ -113,7 +113,7 @@ def configure(args) -> ml_collections.ConfigDict:
 def compile_step(setup: train_step.TrainSetup, state, batch) -> tuple[object, dict]:
   """The compiled step and its compile time, XLA FLOPs and XLA memory estimate."""
   start = time.perf_counter()
-  compiled = setup.step.lower(state, batch).compile()
+  compiled = setup.compile(state, batch)
   figures = {"compile_s": time.perf_counter() - start}
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -204,7 +204,6 @@ def _compiled(setup: train_step.TrainSetup, spec: model_lib.TokenSpec, batch_siz
       (batch_size,) + spec.window_shape).astype(np.float32)
   batch = sharding.global_batch({"windows": windows}, setup.mesh)
   compiled, figures = compile_step(setup, state, batch)
-  metrics_lib.release_freed_host_memory()
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   return compiled, state, batch, figures
