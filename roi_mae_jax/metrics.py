@@ -15,6 +15,7 @@ the crash) are dropped from the JSONL so the file reads as one run.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -116,6 +117,7 @@ def release_freed_host_memory() -> None:
   """Hands the heap the compiler freed back to the OS (glibc's malloc_trim), so
   that it does not count in the peak RSS of the steps that follow (~260 MiB for
   the small model); a no-op where glibc is absent."""
+  gc.collect()  # first, so that Python's garbage (lowering, traces) is freed too
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):

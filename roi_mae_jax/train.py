@@ -142,12 +142,10 @@ def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.To
 
 def _compile(setup: train_step.TrainSetup, state, batch):
   start = time.time()
-  compiled = setup.compile(state, batch)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = compiled.memory_analysis()
+  compiled, facts = setup.compile(state, batch)
+  memory = facts["memory"]
   logging.info("step compiled in %.1f s: %.3g FLOPs per step and device, %s", time.time() - start,
-               cost.get("flops", float("nan")),
+               facts["flops"],
                f"{memory.temp_size_in_bytes / 2**20:.0f} MiB temporaries" if memory else "")
   return compiled
 

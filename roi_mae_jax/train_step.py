@@ -142,18 +142,23 @@ class TrainSetup:
     self._init.clear_cache()
     return state
 
-  def compile(self, state: State, batch: dict):
-    """The step compiled for `state` and `batch`'s shapes, ahead of time:
+  def compile(self, state: State, batch: dict) -> tuple[Any, dict]:
+    """(the step compiled ahead of time for `state` and `batch`'s shapes, what
+    XLA says of it: 'flops' per device and 'memory', its memory analysis or None):
 
-        compiled = setup.compile(state, batch)
+        compiled, facts = setup.compile(state, batch)
         state, metrics = compiled(state, batch)   # state is donated
 
-    jit's own trace of the step and the compiler's freed scratch heap are let
-    go, so they do not add to the host memory of the steps that follow."""
+    jit's own trace of the step and the heap that compiling and analysing
+    freed are let go, so they do not add to the host memory of the steps."""
     compiled = self.step.lower(state, batch).compile()
     self.step.clear_cache()
-    metrics_lib.release_freed_host_memory()
-    return compiled
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    facts = {"flops": float(cost.get("flops", float("nan"))),
+             "memory": compiled.memory_analysis()}
+    metrics_lib.release_freed_host_memory()  # after the analyses: they allocate too
+    return compiled, facts
 
   def model(self, state: State) -> model_lib.MaskedAutoencoder:
     """The NNX model holding `state`'s parameters (for plots, probes, attribution)."""

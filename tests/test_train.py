@@ -65,7 +65,8 @@ def test_compiled_step_equals_jitted_step_and_init_repeats():
     return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     np.testing.assert_array_equal(values(a), values(b))
-  compiled = setup.compile(second, batch)
+  compiled, facts = setup.compile(second, batch)
+  assert facts["flops"] > 0 and facts["memory"].temp_size_in_bytes > 0
   _, want = setup.step(first, batch)
   _, got = compiled(second, batch)
   np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)

@@ -101,7 +101,7 @@ def _train_with_input(config, ds, steps: int) -> dict:
   it = pipeline.make_iterator(ds, config.data.read_threads, config.data.prefetch)
   state = setup.init()
   batch = sharding.global_batch({"windows": next(it)["windows"]}, setup.mesh)
-  compiled = setup.compile(state, batch)
+  compiled, _ = setup.compile(state, batch)
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   waited, start = 0.0, time.perf_counter()

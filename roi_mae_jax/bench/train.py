@@ -113,13 +113,10 @@ def configure(args) -> ml_collections.ConfigDict:
 def compile_step(setup: train_step.TrainSetup, state, batch) -> tuple[object, dict]:
   """The compiled step and its compile time, XLA FLOPs and XLA memory estimate."""
   start = time.perf_counter()
-  compiled = setup.compile(state, batch)
+  compiled, facts = setup.compile(state, batch)
   figures = {"compile_s": time.perf_counter() - start}
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # XLA counts per device.
-  figures["xla_flops_per_step"] = float(cost.get("flops", float("nan"))) * setup.mesh.size
-  memory = compiled.memory_analysis()
+  figures["xla_flops_per_step"] = facts["flops"] * setup.mesh.size  # XLA counts per device
+  memory = facts["memory"]
   if memory is not None:  # per device: what one step needs resident
     figures["step_memory_bytes"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                                        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
