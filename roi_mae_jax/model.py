@@ -155,14 +155,12 @@ def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
 
 def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=None, **kwargs):
-  """nnx.Linear's x @ W: bfloat16 through `fused_layers.bf16_matmul`, else lax.dot_general."""
+  """nnx.Linear's x @ W: bfloat16 via `fused_layers.bf16_matmul`, else lax.dot_general."""
   standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
   if lhs.dtype == rhs.dtype == jnp.bfloat16 and standard and rhs.ndim == 2:
     return fused_layers.bf16_matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type, **kwargs)
-
-
 
 
 def _norm(rngs, width) -> nnx.LayerNorm:
