@@ -137,14 +137,13 @@ def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: i
   The `dense` kernel reads each head's q, k and v straight from it (no
   activation is moved heads-first, in either pass); the others get q, k, v.
   """
-  kind = choose(implementation, jax.default_backend(), qkv.dtype, qkv.shape[0], qkv.shape[1],
-                qkv.shape[3])
+  b, t, _, h, d = qkv.shape
+  kind = choose(implementation, jax.default_backend(), qkv.dtype, b, t, h)
+  _log_choice(implementation, kind, (b, t, h, d), qkv.dtype)
   if kind == "dense":
-    b, t, _, h, d = qkv.shape
-    _log_choice(implementation, kind, (b, t, h, d), qkv.dtype)
     return dense_packed(qkv, key_valid)
   return attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid,
-                implementation=implementation, block=block)
+                implementation=kind, block=block)  # chosen: not again
 
 
 def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):

@@ -184,22 +184,17 @@ class Attention(nnx.Module):
     self.implementation = implementation
     self.block = block
 
-  def __call__(self, x, key_valid=None, norm: nnx.LayerNorm | None = None):
-    """x (B, T, width); `key_valid` (B, T) bool: tokens others may attend to.
-
-    With `norm`, attends over norm(x), recomputing the norm in backward (see
-    fused_layers) instead of keeping it.
-    """
+  def __call__(self, x, norm: nnx.LayerNorm, key_valid=None):
+    """Attention over norm(x) (B, T, width), the norm recomputed in backward
+    rather than kept (see fused_layers); `key_valid` (B, T) bool: tokens others
+    may attend to."""
     w_qkv, w_out = self.qkv[...], self.out[...]
     # Both projections as plain (tokens, features) matmuls on the activations'
     # own layout: q, k, v stay interleaved (B, T, 3, H, D) and the attention
     # kernel picks each head out of them (see attention.attend_packed).
-    flat_qkv = w_qkv.reshape(w_qkv.shape[0], -1)
-    if norm is None:
-      qkv = fused_layers.matmul_for(self.dtype)(x.astype(self.dtype), flat_qkv.astype(self.dtype))
-    else:
-      qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...], flat_qkv, None,
-                                    self.dtype, norm.epsilon)
+    qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...],
+                                  w_qkv.reshape(w_qkv.shape[0], -1), None, self.dtype,
+                                  norm.epsilon)
     qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
     y = attention_lib.attend_packed(qkv, key_valid, implementation=self.implementation,
                                     block=self.block)
@@ -225,7 +220,7 @@ class Block(nnx.Module):
     # Layer norm and GELU are recomputed in backward (fused_layers): the
     # backward pass keeps each block's residual stream, q/k/v, the attention
     # output and the MLP's pre-activation, not the norms' or GELU's outputs.
-    x = x + self.attn(x, key_valid, norm=self.norm1)
+    x = x + self.attn(x, self.norm1, key_valid)
     return x + _over_token_chunks(self._mlp, x, self.mlp_chunk)
 
   def _mlp(self, x):
