@@ -154,11 +154,11 @@ def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):
   (B, T, H, D) in place; the backward pass writes dq, dk, dv into the cotangent
   of `qkv` the same way. So the (B, T, 3 x H x D) activations are neither
   transposed heads-first nor kept twice for the backward pass, and the output
-  projection reads the output as it is. `heads_per_step` (0: `_heads_per_step`)
+  projection reads the output as it is. `heads_per_step` (0: `heads_per_step_for`)
   heads go through each step together.
   """
   valid = None if key_valid is None else key_valid.astype(bool)
-  group = heads_per_step or _heads_per_step(qkv.shape[3], qkv.shape[1])
+  group = heads_per_step or heads_per_step_for(qkv.shape[3], qkv.shape[1])
   if qkv.shape[3] % group:
     raise errors.InputError(f"{group} heads per step do not divide {qkv.shape[3]} heads")
   return _dense(qkv, valid, group)
@@ -169,7 +169,7 @@ def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):
 _STEP_LOGITS_BYTES = 4 * 2**20
 
 
-def _heads_per_step(heads: int, tokens: int) -> int:
+def heads_per_step_for(heads: int, tokens: int) -> int:
   """The most heads dividing `heads` whose (tokens x tokens) float32 logits
   together fit _STEP_LOGITS_BYTES (at least 1)."""
   fits = [g for g in range(1, heads + 1)

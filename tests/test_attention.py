@@ -79,9 +79,9 @@ def test_attend_packed_reads_heads_from_the_fused_projection(kernel, heads_per_s
 
 
 def test_dense_groups_heads_by_the_size_of_their_logits():
-  assert attention._heads_per_step(6, 654) == 2   # 2 x 1.7 MB of logits per loop step
-  assert attention._heads_per_step(4, 1310) == 1  # one head's are 6.9 MB already
-  assert attention._heads_per_step(3, 29) == 3
+  assert attention.heads_per_step_for(6, 654) == 2   # 2 x 1.7 MB of logits per loop step
+  assert attention.heads_per_step_for(4, 1310) == 1  # one head's are 6.9 MB already
+  assert attention.heads_per_step_for(3, 29) == 3
   with pytest.raises(errors.InputError, match="do not divide"):
     attention.dense_packed(jnp.zeros((1, 5, 3, 3, 4)), None, heads_per_step=2)
 

@@ -116,6 +116,14 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   # XLA counts a loop's body once, and `dense` attention loops over heads.
   assert 0.5 < figures["model_flops_per_step"] / figures["xla_flops_per_step"] < 2.0
   assert figures["tokens_brain"] < figures["tokens_box"]
+  # The step's matmuls timed one by one, on one device: forward and backward,
+  # less the patch embedding's input gradient, plus the recomputed logits.
+  ceiling = figures["matmul_ceiling"]
+  assert "MFU ceiling" in printed and "matmuls alone" in printed
+  assert 0 < ceiling["seconds"] and ceiling["share"] == pytest.approx(
+      ceiling["seconds"] / figures["step_s"])
+  per_device = figures["model_flops_per_step"] / figures["devices"]
+  assert 0.9 * per_device < ceiling["flops"] < 1.2 * per_device
 
 
 def test_bench_data_prints_throughput_and_input_wait(tmp_path, capsys):
@@ -141,7 +149,7 @@ def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
                           "--mask_repeats=2", "--memory_config=", f"--json={out}"])
   assert code == 0
   printed = capsys.readouterr().out
-  for line in ("step time", "tokens/s", "MFU", "mask sampling", "waiting for data",
+  for line in ("step time", "tokens/s", "MFU", "MFU ceiling", "mask sampling", "waiting for data",
                "brain-only tokens", "memory per step", "host peak RSS"):
     assert line in printed, line
   figures = json.loads(out.read_text())["all"]

@@ -4,7 +4,7 @@
     python -m roi_mae_jax.bench all --json=out.json
     python -m roi_mae_jax.bench masks              # mask samplers at paper scale
     python -m roi_mae_jax.bench masks --json=out.json
-    python -m roi_mae_jax.bench train              # step time, tokens/s, MFU
+    python -m roi_mae_jax.bench train              # step time, tokens/s, MFU and its ceiling
     python -m roi_mae_jax.bench data               # prepare and pipeline throughput
     python -m roi_mae_jax.bench memory             # paper-scale step memory per window
 

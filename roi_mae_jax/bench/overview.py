@@ -29,6 +29,7 @@ import numpy as np
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import sharding
 from roi_mae_jax.bench import masks as bench_masks
+from roi_mae_jax.bench import matmul_ceiling
 from roi_mae_jax.bench import memory as bench_memory
 from roi_mae_jax.bench import train as bench_train
 from roi_mae_jax.data import pipeline
@@ -138,6 +139,9 @@ def run(args) -> dict:
   figures["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   figures["device_limit_bytes"] = stats.get("bytes_limit")
   figures["host_peak_rss_mib"] = metrics_lib.peak_rss_mib()
+  if args.ceiling:  # after the host peak (see bench train)
+    figures["matmul_ceiling"] = bench_train.ceiling_figures(
+        config, spec, sampler, setup.mesh.size, args.peak_size, figures)
   if args.max_batch:
     if figures["device_limit_bytes"]:
       print("largest batch per device:")
@@ -157,6 +161,14 @@ def _mib(value) -> str:
   return "n/a" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
+def _ceiling(ceiling: dict | None) -> str:
+  if ceiling is None:
+    return matmul_ceiling.NOT_LISTED
+  return (f"{ceiling['mfu_ceiling']:.1%} if only the matmuls took time: each of the step's "
+          f"shapes timed alone, {ceiling['seconds'] * 1e3:.0f} ms per step in all "
+          f"({ceiling['share']:.0%} of the step)")
+
+
 def _print(f: dict, dtype: str) -> None:
   rows = [
       ("step time", f"{f['step_s'] * 1e3:.1f} ms (median of the timed steps; compile "
@@ -167,6 +179,7 @@ def _print(f: dict, dtype: str) -> None:
               f"{dtype} matmul peak of {f['peak_matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
       *([("MFU by CPU time", f"{f['mfu_cpu']:.1%} ({f['step_cpu_s']:.2f} CPU-s per step)")]
         if "mfu_cpu" in f else []),
+      *([("MFU ceiling", _ceiling(f["matmul_ceiling"]))] if "matmul_ceiling" in f else []),
       ("mask sampling", f"{f['mask_sampling_s'] * 1e3:.2f} ms = {f['mask_sampling_share']:.2%} "
                         "of a step"),
       ("waiting for data", f"{f['data_wait_s'] * 1e3:.2f} ms = {f['data_wait_share']:.2%} of "

@@ -4,7 +4,9 @@ MFU is the model's matmul FLOPs per step (analytic: forward x 3 for forward
 and backward) over the step time, against the matmul peak measured in the
 same run on the same device (a large jitted matmul in the compute dtype).
 XLA's own FLOP count of the compiled step (which includes elementwise work)
-is printed beside it. Also: tokens saved by brain-only patches.
+is printed beside it. Also: tokens saved by brain-only patches, and (unless
+--no-ceiling) the step's matmuls timed one by one: the MFU the step would reach
+if nothing but its matmuls took time (see `matmul_ceiling`).
 
     python -m roi_mae_jax.bench train                       # small model, demo grid, batch 2
     python -m roi_mae_jax.bench train --config=configs/pretrain_aal3.py:adhd200 \
@@ -27,6 +29,7 @@ from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
+from roi_mae_jax.bench import matmul_ceiling
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--vs_dtype", default="", choices=["", *model_lib.DTYPES],
                       help="also time the step in this dtype, in turns with the first")
   parser.add_argument("--peak_size", type=int, default=2048, help="matmul edge for the peak")
+  parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the step's matmuls one by one: the MFU it could reach "
+                           "if nothing else took time (see roi_mae_jax.bench.matmul_ceiling)")
 
 
 def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> tuple[float, float]:
@@ -191,7 +197,30 @@ def run(args) -> dict:
     figures["vs_dtype"] = versus_dtype(config, args, steps_run)
   figures["host_peak_rss_mib"] = metrics_lib.peak_rss_mib()
   print(f"host peak RSS {figures['host_peak_rss_mib']:,.0f} MiB")
+  if args.ceiling:  # after the host peak: its small programs are not the step's
+    figures["matmul_ceiling"] = ceiling_figures(config, spec, sampler, setup.mesh.size,
+                                                 args.peak_size, figures)
+    ceiling = figures["matmul_ceiling"]
+    print(matmul_ceiling.describe(ceiling) if ceiling
+          else f"MFU ceiling {matmul_ceiling.NOT_LISTED}")
   return figures
+
+
+def ceiling_figures(config, spec: model_lib.TokenSpec, sampler: masking.MaskSampler,
+                    devices: int, peak_size: int, figures: dict) -> dict | None:
+  """`matmul_ceiling.measure` of this step's matmuls on one device, with the
+  model FLOPs and step time of `speed_figures` in `figures`; None when an
+  attention kernel is not made of whole matmuls."""
+  batch = max(config.batch_size // devices, 1)
+  dtype = model_lib.DTYPES[config.model.dtype]
+  try:
+    matmuls = matmul_ceiling.step_matmuls(spec, config.model.size, config.model.mlp_ratio,
+                                          sampler.num_keep, batch,
+                                          config.model.attention or "auto", dtype=dtype)
+  except matmul_ceiling.UnlistedKernel:
+    return None
+  return matmul_ceiling.measure(matmuls, dtype, figures["model_flops_per_step"] / devices,
+                                peak_size, figures["step_s"])
 
 
 def _compiled(setup: train_step.TrainSetup, spec: model_lib.TokenSpec, batch_size: int):

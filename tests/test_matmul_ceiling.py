@@ -1,0 +1,78 @@
+"""bench.matmul_ceiling: the step's matmul list and the MFU it bounds."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from roi_mae_jax import attention
+from roi_mae_jax import model as model_lib
+from roi_mae_jax.bench import matmul_ceiling
+from roi_mae_jax.bench import train as bench_train
+
+
+def _spec(patches: int = 655, frames: int = 4) -> model_lib.TokenSpec:
+  """The demo grid's token layout (only the counts matter here)."""
+  return model_lib.TokenSpec((40, 48, 44, frames), 4, 2, np.arange(patches), (10, 12, 11),
+                             np.zeros(patches, int), 170)
+
+
+@pytest.mark.parametrize("size,kernel", [("small", "dense"), ("small", "reference"),
+                                         ("tiny", "dense")])
+def test_the_listed_forward_matmuls_are_the_flops_mfu_counts(size, kernel):
+  spec, keep, batch = _spec(), 654, 2
+  matmuls = matmul_ceiling.step_matmuls(spec, size, 4, keep, batch, kernel)
+  forward = sum(m.flops * m.count for m in matmuls if m.forward)
+  assert 3 * forward == bench_train.analytic_flops(spec, size, 4, keep, batch)
+
+  # Backward: twice the forward, less the patch embedding's input gradient
+  # (the windows are data), plus `dense`'s recomputed logits.
+  width, depth, heads, d_width, d_depth, d_heads = model_lib.SIZES[size]
+  embedding_input_grad = 2 * batch * keep * spec.token_dim * width
+  recomputed = 0
+  if kernel == "dense":
+    recomputed = 2 * batch * heads * keep ** 2 * (width // heads) * depth + \
+        2 * batch * d_heads * spec.num_tokens ** 2 * (d_width // d_heads) * d_depth
+  backward = sum(m.flops * m.count for m in matmuls if not m.forward)
+  assert backward == 2 * forward - embedding_input_grad + recomputed
+
+
+def test_dense_attention_matmuls_follow_its_loop_over_head_groups():
+  matmuls = matmul_ceiling.step_matmuls(_spec(), "small", 4, 654, 2, "dense")
+  logits = next(m for m in matmuls if m.what == "encoder attention logits")
+  group = attention.heads_per_step_for(6, 654)
+  assert group == 2 and logits.lhs == (group, 654, 64)
+  assert logits.count == 12 * 2 * 6 // group  # layers x batch x heads / group
+  assert len([m for m in matmuls if m.part == "attention" and m.what.startswith("encoder")]) == 7
+
+
+def test_kernels_not_made_of_matmuls_are_refused():
+  with pytest.raises(matmul_ceiling.UnlistedKernel, match="chunked"):
+    matmul_ceiling.step_matmuls(_spec(), "tiny", 4, 654, 2, "chunked")
+  with pytest.raises(matmul_ceiling.UnlistedKernel, match="cudnn"):
+    matmul_ceiling.step_matmuls(_spec(), "tiny", 4, 654, 2, "auto", backend="gpu",
+                                dtype=jnp.bfloat16)
+
+
+def test_measure_sums_the_timed_shapes_over_their_counts():
+  matmuls = [
+      matmul_ceiling.Matmul("linear", "a", "td,df->tf", (64, 32), (32, 48), 3, forward=True),
+      matmul_ceiling.Matmul("linear", "b", "td,tf->df", (64, 32), (64, 48), 2),
+      matmul_ceiling.Matmul("attention", "c", "nqd,nkd->nqk", (2, 40, 16), (2, 40, 16), 5),
+  ]
+  assert matmuls[0].flops == 2 * 64 * 32 * 48 == matmuls[1].flops
+  assert matmuls[2].flops == 2 * 2 * 40 * 40 * 16
+  figures = matmul_ceiling.measure(matmuls, jnp.float32, model_flops=1e6, peak_size=64,
+                                   step_s=1.0)
+  rows = figures["rows"]
+  assert [r["count"] for r in rows] == [3, 2, 5]
+  assert figures["seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+  assert figures["seconds"] == pytest.approx(
+      figures["linear"]["seconds"] + figures["attention"]["seconds"])
+  assert figures["linear"]["flops"] == 5 * matmuls[0].flops
+  assert figures["mfu_ceiling"] == pytest.approx(
+      1e6 / figures["seconds"] / figures["peak_flops_per_s"])
+  assert figures["share"] == pytest.approx(figures["seconds"])
+  for row, m in zip(rows, matmuls):  # each row's rate is its shape's, once per call
+    assert row["flops_per_s"] == pytest.approx(m.flops * m.count / row["seconds"])
+  text = matmul_ceiling.describe(figures)
+  assert "MFU ceiling" in text and "attention" in text
