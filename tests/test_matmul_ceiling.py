@@ -1,5 +1,6 @@
 """bench.matmul_ceiling: the step's matmul list and the MFU it bounds."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,3 +77,14 @@ def test_measure_sums_the_timed_shapes_over_their_counts():
     assert row["flops_per_s"] == pytest.approx(m.flops * m.count / row["seconds"])
   text = matmul_ceiling.describe(figures)
   assert "MFU ceiling" in text and "attention" in text
+
+
+def test_the_peak_matmul_accumulates_in_float32_as_the_model_does():
+  """A bfloat16-output matmul runs a much slower path on AMX CPUs: a peak
+  measured with it would flatter the bfloat16 MFU."""
+  x = jnp.ones((8, 16), jnp.bfloat16)
+  out = jax.jit(bench_train.peak_matmul)(x, x.T)
+  assert out.dtype == jnp.float32 and float(out[0, 0]) == 16.0
+  lines = jax.jit(bench_train.peak_matmul).lower(x, x.T).as_text().splitlines()
+  dot = next(line for line in lines if "dot_general" in line)
+  assert "(tensor<8x16xbf16>, tensor<16x8xbf16>) -> tensor<8x8xf32>" in dot  # no f32 copies

@@ -19,6 +19,7 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -53,13 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "if nothing else took time (see roi_mae_jax.bench.matmul_ceiling)")
 
 
+def peak_matmul(x, y):
+  """x @ y accumulated and returned in float32 (bfloat16 operands stay bfloat16)."""
+  return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+
+
 def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> tuple[float, float]:
   """(FLOP/s, FLOP per CPU-second) of a jitted (size x size) @ (size x size)
   matmul, each the best of `repeats`. The second is for CPUs shared with other
-  work, where wall time swings with their load (see `speed_figures`)."""
+  work, where wall time swings with their load (see `speed_figures`).
+
+  The matmul accumulates in float32, as the model's do: for bfloat16 operands
+  a bfloat16-output matmul can take a much slower path (on a CPU with AMX, a
+  fifth of the rate), which would flatter the MFU."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
+  matmul = jax.jit(peak_matmul)
   jax.block_until_ready(matmul(a, b))
   best, best_cpu = np.inf, np.inf
   for _ in range(repeats):
