@@ -155,10 +155,10 @@ def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
 
 def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=None, **kwargs):
-  """nnx.Linear's x @ W: bfloat16 via `fused_layers.bf16_matmul`, else lax.dot_general."""
+  """nnx.Linear's x @ W through `fused_layers.matmul`, else lax.dot_general."""
   standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
-  if lhs.dtype == rhs.dtype == jnp.bfloat16 and standard and rhs.ndim == 2:
-    return fused_layers.bf16_matmul(lhs, rhs)
+  if lhs.dtype == rhs.dtype and standard and rhs.ndim == 2:
+    return fused_layers.matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type, **kwargs)
 
@@ -198,8 +198,8 @@ class Attention(nnx.Module):
     qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
     y = attention_lib.attend_packed(qkv, key_valid, implementation=self.implementation,
                                     block=self.block)
-    return fused_layers.matmul_for(self.dtype)(
-        y.reshape(*y.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]).astype(self.dtype))
+    return fused_layers.matmul(y.reshape(*y.shape[:2], -1),
+                               w_out.reshape(-1, w_out.shape[-1]).astype(self.dtype))
 
 
 class Block(nnx.Module):
