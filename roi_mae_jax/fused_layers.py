@@ -12,6 +12,7 @@ costs elementwise work only; no matmul is recomputed.
 
     h = norm_dense(x, scale, bias, w_up, b_up, dtype=jnp.float32)   # LN(x) @ w + b
     y = gelu_dense(h, w_down, b_down, dtype=jnp.float32)            # gelu(h) @ w + b
+    z = matmul(y, w_out)   # any dense layer: its weight gradient in XLA's fastest form
 
 The backward pass runs in a fixed order within each call (see
 `_recomputing_backward`): XLA drops optimisation barriers before it schedules,
