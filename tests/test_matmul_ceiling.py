@@ -46,6 +46,16 @@ def test_dense_attention_matmuls_follow_its_loop_over_head_groups():
   assert len([m for m in matmuls if m.part == "attention" and m.what.startswith("encoder")]) == 7
 
 
+def test_weight_gradients_take_the_form_the_model_runs_per_dtype():
+  f32 = matmul_ceiling.step_matmuls(_spec(), "tiny", 4, 654, 2, "dense")
+  bf16 = matmul_ceiling.step_matmuls(_spec(), "tiny", 4, 654, 2, "dense", dtype=jnp.bfloat16)
+  grad32, grad16 = (next(m for m in ms if m.what == "encoder MLP up weight grad")
+                    for ms in (f32, bf16))
+  assert grad32.lhs == (2 * 654, 64) and grad16.lhs == (2, 654, 64)  # see fused_layers.matmul
+  assert grad32.flops == grad16.flops
+  assert sum(m.flops * m.count for m in f32) == sum(m.flops * m.count for m in bf16)
+
+
 def test_kernels_not_made_of_matmuls_are_refused():
   with pytest.raises(matmul_ceiling.UnlistedKernel, match="chunked"):
     matmul_ceiling.step_matmuls(_spec(), "tiny", 4, 654, 2, "chunked")

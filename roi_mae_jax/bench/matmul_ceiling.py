@@ -60,16 +60,22 @@ class Matmul:
     return 2.0 * math.prod(sizes.values())
 
 
-def _linear(what: str, tokens: int, d_in: int, d_out: int, layers: int,
+def _linear(what: str, tokens: int, d_in: int, d_out: int, layers: int, batch: int, dtype,
             input_grad: bool = True) -> Iterator[Matmul]:
-  """x @ W forward, g @ W^T (x's gradient) and x^T @ g (W's gradient)."""
+  """x @ W forward, g @ W^T (x's gradient) and x^T @ g (W's gradient), the
+  last in the form `fused_layers.matmul` takes for `dtype`: over the flattened
+  tokens in float32, over (batch, tokens per window) in bfloat16."""
   yield Matmul("linear", f"{what} forward", "td,df->tf", (tokens, d_in), (d_in, d_out), layers,
                forward=True)
   if input_grad:
     yield Matmul("linear", f"{what} input grad", "tf,df->td", (tokens, d_out), (d_in, d_out),
                  layers)
-  yield Matmul("linear", f"{what} weight grad", "td,tf->df", (tokens, d_in), (tokens, d_out),
-               layers)
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    yield Matmul("linear", f"{what} weight grad", "btd,btf->df", (batch, tokens // batch, d_in),
+                 (batch, tokens // batch, d_out), layers)
+  else:
+    yield Matmul("linear", f"{what} weight grad", "td,tf->df", (tokens, d_in), (tokens, d_out),
+                 layers)
 
 
 def _attention(what: str, kernel: str, batch: int, tokens: int, heads: int, head_dim: int,
@@ -102,22 +108,23 @@ def step_matmuls(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_keep:
   one's) must be one of KERNELS, else UnlistedKernel."""
   width, depth, heads, d_width, d_depth, d_heads = model_lib.SIZES[size]
   visible, every = batch * num_keep, batch * spec.num_tokens
-  out = list(_linear("patch embedding", visible, spec.token_dim, width, 1, input_grad=False))
+  out = list(_linear("patch embedding", visible, spec.token_dim, width, 1, batch, dtype,
+                     input_grad=False))
   for what, tokens, w, layers, h, per_window in (
       ("encoder", visible, width, depth, heads, num_keep),
       ("decoder", every, d_width, d_depth, d_heads, spec.num_tokens)):
     kernel = attention_lib.choose(attention, backend or jax.default_backend(), dtype, batch,
                                   per_window, h)
     if kernel not in KERNELS:
-      raise UnlistedKernel(f"the {what}'s attention kernel is {kernel!r}: its matmuls are not "
-                       f"listed (only {', '.join(KERNELS)})")
-    out += _linear(f"{what} qkv", tokens, w, 3 * w, layers)
-    out += _linear(f"{what} attention out", tokens, w, w, layers)
-    out += _linear(f"{what} MLP up", tokens, w, mlp_ratio * w, layers)
-    out += _linear(f"{what} MLP down", tokens, mlp_ratio * w, w, layers)
+      raise UnlistedKernel(f"the {what}'s attention kernel is {kernel!r}: its matmuls are "
+                           f"not listed (only {', '.join(KERNELS)})")
+    out += _linear(f"{what} qkv", tokens, w, 3 * w, layers, batch, dtype)
+    out += _linear(f"{what} attention out", tokens, w, w, layers, batch, dtype)
+    out += _linear(f"{what} MLP up", tokens, w, mlp_ratio * w, layers, batch, dtype)
+    out += _linear(f"{what} MLP down", tokens, mlp_ratio * w, w, layers, batch, dtype)
     out += _attention(f"{what} attention", kernel, batch, per_window, h, w // h, layers)
-  out += _linear("encoder to decoder", visible, width, d_width, 1)
-  out += _linear("prediction head", every, d_width, spec.token_dim, 1)
+  out += _linear("encoder to decoder", visible, width, d_width, 1, batch, dtype)
+  out += _linear("prediction head", every, d_width, spec.token_dim, 1, batch, dtype)
   return out
 
 
