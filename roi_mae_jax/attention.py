@@ -12,11 +12,16 @@ tokens may be attended to (reconstruction by region hides some). Kernels:
              matmuls)
   xla        `jax.nn.dot_product_attention(implementation="xla")`, likewise
   cudnn      cuDNN's fused kernel (GPU, bfloat16/float16)
-  pallas     the Pallas flash-attention kernel (TPU)
+  pallas     the Pallas flash-attention kernel (TPU), under shard_map on a mesh:
+             batch over data x fsdp, heads over tensor (queries over tensor
+             where the heads do not divide it)
   chunked    blockwise online softmax over query and key blocks (Rabe and
              Staats 2021, "Self-attention does not need O(n^2) memory") with a
              flash-style backward: memory O(T x block) on every backend
-  auto       picks one by backend, dtype and size (`choose`), and logs it
+  auto       picks one by platform, dtype and size (`choose`), and logs it
+
+The platform is that of the mesh the step is compiled for (`platforms.Target`),
+not the host's: a CPU host compiling for a TPU pod gets `pallas`.
 
 The chunked path keeps only the output and two float32 numbers per row (the
 running max and the softmax denominator) for the backward pass, which
@@ -33,8 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jax.sharding import PartitionSpec as P
+
 from roi_mae_jax import errors
+from roi_mae_jax import platforms
 from roi_mae_jax import scan_slices
+from roi_mae_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "reference", "dense", "xla", "cudnn", "pallas", "chunked")
 # `auto` takes `dense` (one head's full (T, T) logits at a time) only while one
@@ -51,53 +60,64 @@ def check_implementation(name: str) -> None:
         f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
 
 
-def choose(implementation: str, backend: str, dtype, batch: int, tokens: int, heads: int) -> str:
-  """The kernel that `implementation` means here; `auto` decides by backend and size.
+def choose(implementation: str, platform: str, dtype, batch: int, tokens: int,
+           heads: int) -> str:
+  """The kernel that `implementation` means on `platform`; `auto` decides by size.
 
       choose("auto", "cpu", jnp.float32, 2, 1200, 6)     # 'dense' (small: fastest)
       choose("auto", "cpu", jnp.bfloat16, 1, 28480, 8)   # 'chunked'
       choose("auto", "gpu", jnp.bfloat16, 1, 28480, 8)   # 'cudnn'
+      choose("auto", "tpu", jnp.float32, 1, 29100, 12)   # 'pallas' (pads to its blocks)
   """
   check_implementation(implementation)
   if implementation != "auto":
     return implementation
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if backend == "gpu" and half:
-    return "cudnn"  # fused and O(T) memory
-  if backend == "tpu" and tokens % 128 == 0 and tokens >= 128:
+  if platform == "tpu":
     return "pallas"
+  if platform == "gpu" and half:
+    return "cudnn"  # fused and O(T) memory
   if batch * heads * tokens * tokens * 4 > AUTO_DENSE_LIMIT_BYTES:
     return "chunked"
-  return "dense"
+  # Small: the cache-sized head loop on a CPU (see platforms); XLA's fused
+  # dense attention elsewhere (a GPU in float32).
+  return "dense" if platform == "cpu" else "xla"
 
 
-def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int = 512):
-  """Softmax(q k^T / sqrt(d)) v over (B, T, H, D) arrays; see the module docstring."""
-  kind = choose(implementation, jax.default_backend(), q.dtype, q.shape[0], k.shape[1],
-                q.shape[2])
-  _log_choice(implementation, kind, q.shape, q.dtype)
+def attend(q, k, v, key_valid=None, *, implementation: str = "auto", block: int = 512,
+           target: platforms.Target | None = None):
+  """Softmax(q k^T / sqrt(d)) v over (B, T, H, D) arrays; see the module docstring.
+
+  `target`: what the step is compiled for (None: this host's backend, unsharded).
+  """
+  target = target or platforms.Target.host()
+  kind = choose(implementation, target.platform, q.dtype, q.shape[0], k.shape[1], q.shape[2])
+  _log_choice(implementation, kind, q.shape, q.dtype, target.platform)
   if kind == "reference":
     return reference(q, k, v, key_valid)
   if kind == "dense":
     return dense(q, k, v, key_valid)
   if kind == "chunked":
-    return chunked(q, k, v, key_valid, block=block)
+    return chunked(q, k, v, key_valid, block=block, pack=target.cpu_paths)
   if kind == "xla" or kind == "cudnn":
-    if kind == "cudnn" and jax.default_backend() != "gpu":
-      raise errors.InputError(f"model.attention 'cudnn' needs a GPU; this backend is "
-                              f"{jax.default_backend()} (use 'chunked' or 'auto')")
+    if kind == "cudnn" and target.platform != "gpu":
+      raise errors.InputError(f"model.attention 'cudnn' needs a GPU; this step is compiled "
+                              f"for {target.platform} (use 'chunked' or 'auto')")
     mask = None if key_valid is None else key_valid[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kind)
-  return pallas_flash(q, k, v, key_valid)
+  if target.platform != "tpu":
+    raise errors.InputError(f"model.attention 'pallas' needs a TPU; this step is compiled "
+                            f"for {target.platform} (use 'chunked' or 'auto')")
+  return pallas_flash(q, k, v, key_valid, mesh=target.mesh)
 
 
-def _log_choice(implementation: str, kind: str, shape, dtype) -> None:
-  """Logs what `auto` chose, once per shape (not per trace)."""
-  key = (kind, shape, str(dtype))
+def _log_choice(implementation: str, kind: str, shape, dtype, platform: str) -> None:
+  """Logs what `auto` chose, once per shape and platform (not per trace)."""
+  key = (kind, shape, str(dtype), platform)
   if implementation == "auto" and key not in _logged:
     _logged.add(key)
     logging.info("attention auto: %s for %s tokens x %s heads (%s, %s)", kind, shape[1],
-                 shape[2], dtype, jax.default_backend())
+                 shape[2], dtype, platform)
 
 
 def reference(q, k, v, key_valid=None):
@@ -131,19 +151,21 @@ def dense(q, k, v, key_valid=None):
   return dense_packed(jnp.stack([q, k, v], axis=2), key_valid)
 
 
-def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: int = 512):
+def attend_packed(qkv, key_valid=None, *, implementation: str = "auto", block: int = 512,
+                  target: platforms.Target | None = None):
   """`attend` on the (B, T, 3, H, D) output of a fused q/k/v projection.
 
   The `dense` kernel reads each head's q, k and v straight from it (no
   activation is moved heads-first, in either pass); the others get q, k, v.
   """
+  target = target or platforms.Target.host()
   b, t, _, h, d = qkv.shape
-  kind = choose(implementation, jax.default_backend(), qkv.dtype, b, t, h)
-  _log_choice(implementation, kind, (b, t, h, d), qkv.dtype)
+  kind = choose(implementation, target.platform, qkv.dtype, b, t, h)
+  _log_choice(implementation, kind, (b, t, h, d), qkv.dtype, target.platform)
   if kind == "dense":
     return dense_packed(qkv, key_valid)
   return attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid,
-                implementation=kind, block=block)  # chosen: not again
+                implementation=kind, block=block, target=target)  # chosen: not again
 
 
 def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):
@@ -286,35 +308,79 @@ def _dense_bwd(group, residuals, d_out):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def pallas_flash(q, k, v, key_valid=None):
-  """The Pallas TPU flash-attention kernel; the key mask becomes segment ids
-  (queries in segment 1, hidden keys in segment 0)."""
-  if jax.default_backend() != "tpu":
-    raise errors.InputError(f"model.attention 'pallas' needs a TPU; this backend is "
-                            f"{jax.default_backend()} (use 'chunked' or 'auto')")
-  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # TPU only
-  b, t = q.shape[:2]
-  pad = -t % 128  # the kernel's blocks are multiples of 128 tokens
-  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
+# The Pallas TPU kernel's tiles: 512 tokens (as MaxText's defaults) where the
+# sequence is that long, else its smallest, 128.
+_PALLAS_BLOCK, _PALLAS_MIN_BLOCK = 512, 128
+
+
+def pallas_flash(q, k, v, key_valid=None, *, mesh: jax.sharding.Mesh | None = None):
+  """The Pallas TPU flash-attention kernel on (B, T, H, D) arrays.
+
+  A Mosaic kernel cannot be partitioned by XLA, so on a mesh of several devices
+  it runs under `shard_map`: batch over data x fsdp (where they divide it),
+  heads over tensor, or where the heads do not divide tensor, the queries over
+  tensor against every key. Tokens are padded to the kernel's tiles (padded keys
+  are hidden), so any token count works.
+  """
+  b, t, h, _ = q.shape
+  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid.astype(bool)
+  block = _PALLAS_BLOCK if t >= _PALLAS_BLOCK else _PALLAS_MIN_BLOCK
+  if mesh is None or mesh.size == 1:
+    return _pad_tokens(_pallas_local, q, k, v, valid, block)
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if b % max(int(np.prod([mesh.shape[a] for a in batch_axes])), 1):
+    batch_axes = ()  # e.g. one window to encode on a data-parallel mesh
+  batch_spec = batch_axes or None
+  tensor = mesh.shape.get("tensor", 1)
+  if tensor == 1 or h % tensor == 0:
+    q_spec = kv_spec = P(batch_spec, None, "tensor" if tensor > 1 else None, None)
+    multiple = block
+  else:
+    q_spec, kv_spec = P(batch_spec, "tensor", None, None), P(batch_spec, None, None, None)
+    multiple = block * tensor  # each query shard a whole number of tiles
+  local = jax.shard_map(_pallas_local, mesh=mesh,
+                        in_specs=(q_spec, kv_spec, kv_spec, P(batch_spec, None)),
+                        out_specs=q_spec, check_vma=False)
+  return _pad_tokens(local, q, k, v, valid, multiple)
+
+
+def _pad_tokens(fn, q, k, v, valid, multiple: int):
+  """fn on q, k, v, valid padded to a multiple of `multiple` tokens (padded keys
+  hidden), its output cut back."""
+  t = q.shape[1]
+  pad = -t % multiple
   q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  valid = jnp.pad(valid, ((0, 0), (0, pad)))
-  segments = tpu_flash.SegmentIds(q=jnp.ones((b, t + pad), jnp.int32),
+  return fn(q, k, v, jnp.pad(valid, ((0, 0), (0, pad))))[:, :t]
+
+
+def _pallas_local(q, k, v, valid):
+  """The kernel on one device's (b, tq, h, D) queries and (b, tk, h, D) keys; the
+  key mask becomes segment ids (queries in segment 1, hidden keys in 0)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # TPU only
+  block = min(_PALLAS_BLOCK, q.shape[1], k.shape[1])
+  sizes = tpu_flash.BlockSizes(
+      block_q=block, block_k_major=block, block_k=block, block_b=1,
+      block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+      block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+  segments = tpu_flash.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32),
                                   kv=valid.astype(jnp.int32))
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   y = tpu_flash.flash_attention(heads_first(q), heads_first(k), heads_first(v),
-                                segment_ids=segments, sm_scale=1.0 / math.sqrt(q.shape[-1]))
-  return heads_first(y)[:, :t]
+                                segment_ids=segments, sm_scale=1.0 / math.sqrt(q.shape[-1]),
+                                block_sizes=sizes)
+  return heads_first(y)
 
 
 # --- chunked: blockwise online softmax, flash-style backward -----------------
 
 
-def chunked(q, k, v, key_valid=None, *, block: int = 512):
+def chunked(q, k, v, key_valid=None, *, block: int = 512, pack: bool = False):
   """Attention in (block x block) tiles; equals `reference` in values and gradients.
 
   Neither pass holds more than one tile of logits per query block; the backward
   pass recomputes them from q, k and the saved row statistics. Tokens are padded
-  up to a multiple of the block (padded keys get probability 0).
+  up to a multiple of the block (padded keys get probability 0). `pack`: the
+  loops slice bfloat16 blocks as their bits (a CPU-only path, see platforms).
   """
   if block < 1:
     raise errors.InputError(f"model.attention_block must be positive, got {block}")
@@ -328,7 +394,7 @@ def chunked(q, k, v, key_valid=None, *, block: int = 512):
   key_bias = jnp.pad(jnp.where(valid, 0.0, _MASKED), ((0, 0), (0, pad)),
                      constant_values=-jnp.inf)
   q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  return _chunked(q, k, v, key_bias, block)[:, :t]
+  return _chunked(q, k, v, key_bias, block, pack)[:, :t]
 
 
 def _blocks(x, block):
@@ -348,7 +414,7 @@ def _tile_logits(q_blk, k_blk, bias_blk):
   return s * scale + bias_blk[:, None, None, :]
 
 
-def _forward(q, k, v, key_bias, block):
+def _forward(q, k, v, key_bias, block, pack):
   """(output (B, T, H, D), row statistics (T / block, 2, B, H, block) float32: the
   running max m and the sum l of exp(logit - m), so that p = exp(logit - m) / l.
 
@@ -356,7 +422,8 @@ def _forward(q, k, v, key_bias, block):
   log l in float32.)
   """
   dtype = q.dtype
-  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
+  keys = (_packed_blocks(k, block, pack), _packed_blocks(v, block, pack),
+          _blocks(key_bias, block))
 
   def one_query_block(q_blk):
     q_blk = scan_slices.unpacked(q_blk, dtype)
@@ -382,26 +449,26 @@ def _forward(q, k, v, key_bias, block):
     return out, jnp.stack([m, l])
 
   # stats (nq, 2, B, H, bq)
-  out, stats = jax.lax.map(one_query_block, _packed_blocks(q, block))
+  out, stats = jax.lax.map(one_query_block, _packed_blocks(q, block, pack))
   return _unblocks(out), stats
 
 
-def _packed_blocks(x, block):
-  """`_blocks` of x for a scan to slice, bfloat16 as its bits (see scan_slices)."""
-  return scan_slices.packed(_blocks(x, block))
+def _packed_blocks(x, block, pack: bool):
+  """`_blocks` of x for a scan to slice; with `pack`, bfloat16 as its bits (see scan_slices)."""
+  return scan_slices.packed(_blocks(x, block)) if pack else _blocks(x, block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(q, k, v, key_bias, block):
-  return _forward(q, k, v, key_bias, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(q, k, v, key_bias, block, pack):
+  return _forward(q, k, v, key_bias, block, pack)[0]
 
 
-def _chunked_fwd(q, k, v, key_bias, block):
-  out, stats = _forward(q, k, v, key_bias, block)
+def _chunked_fwd(q, k, v, key_bias, block, pack):
+  out, stats = _forward(q, k, v, key_bias, block, pack)
   return out, (q, k, v, key_bias, out, stats)
 
 
-def _chunked_bwd(block, residuals, d_out):
+def _chunked_bwd(block, pack, residuals, d_out):
   """FlashAttention-2's backward: per key block, a scan over query blocks
   accumulates dK, dV and adds each query block's dQ share in place."""
   q, k, v, key_bias, out, stats = residuals
@@ -410,8 +477,8 @@ def _chunked_bwd(block, residuals, d_out):
   # delta_i = sum_d dO_i * O_i: the softmax Jacobian's row term.
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=jnp.float32)
   delta_blocks = jnp.moveaxis(delta.reshape(*delta.shape[:2], -1, block), 2, 0)
-  queries = (jnp.arange(stats.shape[0]), _packed_blocks(q, block),
-             _packed_blocks(d_out.astype(dtype), block), stats, delta_blocks)
+  queries = (jnp.arange(stats.shape[0]), _packed_blocks(q, block, pack),
+             _packed_blocks(d_out.astype(dtype), block, pack), stats, delta_blocks)
 
   def one_key_block(dq, kv):
     k_blk, v_blk, b_blk = kv
@@ -437,7 +504,8 @@ def _chunked_bwd(block, residuals, d_out):
     return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
   dq0 = jnp.zeros((stats.shape[0],) + q.shape[:1] + (block,) + q.shape[2:], jnp.float32)
-  keys = (_packed_blocks(k, block), _packed_blocks(v, block), _blocks(key_bias, block))
+  keys = (_packed_blocks(k, block, pack), _packed_blocks(v, block, pack),
+          _blocks(key_bias, block))
   dq, (dk, dv) = jax.lax.scan(one_key_block, dq0, keys)
   return _unblocks(dq).astype(dtype), _unblocks(dk), _unblocks(dv), None
 

@@ -24,6 +24,7 @@ from flax import nnx
 from roi_mae_jax import masking
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import platforms
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,9 +52,11 @@ def parameter_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Ar
   return init_key, train_key
 
 
-def new_model(config: ml_collections.ConfigDict, spec: model_lib.TokenSpec,
-              key: jax.Array) -> model_lib.MaskedAutoencoder:
-  return model_lib.MaskedAutoencoder(spec, config.model, rngs=nnx.Rngs(params=key))
+def new_model(config: ml_collections.ConfigDict, spec: model_lib.TokenSpec, key: jax.Array,
+              target: platforms.Target | None = None) -> model_lib.MaskedAutoencoder:
+  """The model of `config` compiled for `target` (None: this host, one device)."""
+  return model_lib.MaskedAutoencoder(spec, config.model, rngs=nnx.Rngs(params=key),
+                                     target=target)
 
 
 def initial_params(config: ml_collections.ConfigDict, spec: model_lib.TokenSpec) -> dict:
@@ -62,9 +65,10 @@ def initial_params(config: ml_collections.ConfigDict, spec: model_lib.TokenSpec)
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def abstract_encoder(config: ml_collections.ConfigDict,
-                     spec: model_lib.TokenSpec) -> tuple[nnx.GraphDef, dict]:
+def abstract_encoder(config: ml_collections.ConfigDict, spec: model_lib.TokenSpec,
+                     target: platforms.Target | None = None) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, parameter shapes as a pure dict) without allocating parameters."""
-  abstract_model = nnx.eval_shape(lambda: new_model(config, spec, parameter_keys(config)[0]))
+  abstract_model = nnx.eval_shape(
+      lambda: new_model(config, spec, parameter_keys(config)[0], target))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   return graphdef, nnx.to_pure_dict(abstract_params)

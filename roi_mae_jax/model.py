@@ -10,7 +10,11 @@ predicts the voxels of every token; the loss is the MSE over masked tokens.
     out["loss"], out["prediction"].shape  # (), (B, N, p^3 * pt)
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', ...); the mesh
-axes they map to are set in `sharding`.
+axes they map to are set in `sharding`. `target` (platforms.Target) is what the
+model is compiled for: it picks the attention kernel, and on CPUs switches on
+the CPU-only paths (fused_layers, the float32 layer carry; see `platforms`).
+On TPUs and GPUs the blocks are plain nnx modules under autodiff, remat by
+named checkpoint policies and `nnx.scan`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import errors
 from roi_mae_jax import fused_layers
 from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
+from roi_mae_jax import platforms
+from roi_mae_jax import sharding
 from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
@@ -45,6 +52,10 @@ REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,   # only the block's input
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + weight matmuls
+    # The projections' outputs by name (q/k/v, attention, MLP pre-activation):
+    # layer norms and GELU are recomputed, no matmul is.
+    "projections": jax.checkpoint_policies.save_only_these_names(
+        "qkv", "attention", "mlp_hidden"),
 }
 
 
@@ -146,9 +157,10 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
-def _dense(rngs, d_in, d_out, names, dtype) -> nnx.Linear:
+def _dense(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                    dot_general=_linear_dot_general,
+                    dot_general=(_linear_dot_general if target.cpu_paths
+                                 else jax.lax.dot_general),
                     kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)))
 
@@ -173,7 +185,7 @@ class Attention(nnx.Module):
   """Multi-head self-attention; the kernel is chosen by `attention.attend`."""
 
   def __init__(self, width: int, heads: int, dtype, implementation: str, block: int,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, target: platforms.Target):
     if width % heads:
       raise errors.InputError(f"model width {width} is not divisible by {heads} heads")
     head_dim = width // heads
@@ -183,51 +195,79 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.implementation = implementation
     self.block = block
+    self.placement = target
 
   def __call__(self, x, norm: nnx.LayerNorm, key_valid=None):
-    """Attention over norm(x) (B, T, width), the norm recomputed in backward
-    rather than kept (see fused_layers); `key_valid` (B, T) bool: tokens others
-    may attend to."""
+    """Attention over norm(x) (B, T, width); `key_valid` (B, T) bool: tokens
+    others may attend to. q, k, v stay interleaved (B, T, 3, H, D) and the
+    attention kernel picks each head out of them (see attention.attend_packed)."""
     w_qkv, w_out = self.qkv[...], self.out[...]
-    # Both projections as plain (tokens, features) matmuls on the activations'
-    # own layout: q, k, v stay interleaved (B, T, 3, H, D) and the attention
-    # kernel picks each head out of them (see attention.attend_packed).
-    qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...],
-                                  w_qkv.reshape(w_qkv.shape[0], -1), None, self.dtype,
-                                  norm.epsilon)
-    qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
+    if self.placement.cpu_paths:  # the norm recomputed in backward (fused_layers)
+      qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...],
+                                    w_qkv.reshape(w_qkv.shape[0], -1), None, self.dtype,
+                                    norm.epsilon)
+      qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
+    else:
+      qkv = jnp.einsum("btw,wshd->btshd", norm(x).astype(self.dtype), w_qkv.astype(self.dtype))
+    qkv = checkpoint_name(qkv, "qkv")
     y = attention_lib.attend_packed(qkv, key_valid, implementation=self.implementation,
-                                    block=self.block)
-    return fused_layers.matmul(y.reshape(*y.shape[:2], -1),
-                               w_out.reshape(-1, w_out.shape[-1]).astype(self.dtype))
+                                    block=self.block, target=self.placement)
+    y = checkpoint_name(y, "attention")
+    if self.placement.cpu_paths:
+      return fused_layers.matmul(y.reshape(*y.shape[:2], -1),
+                                 w_out.reshape(-1, w_out.shape[-1]).astype(self.dtype))
+    return jnp.einsum("bthd,hdw->btw", y, w_out.astype(self.dtype))
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block."""
 
-  def __init__(self, width: int, heads: int, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(self, width: int, heads: int, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               target: platforms.Target):
     dtype = DTYPES[config.dtype]
     self.norm1 = _norm(rngs, width)
     self.attn = Attention(width, heads, dtype, _attention(config),
-                          int(config.get("attention_block", 512)), rngs)
+                          int(config.get("attention_block", 512)), rngs, target)
     self.norm2 = _norm(rngs, width)
-    self.up = _dense(rngs, width, width * config.mlp_ratio, ("embed", "mlp"), dtype)
-    self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype)
+    self.up = _dense(rngs, width, width * config.mlp_ratio, ("embed", "mlp"), dtype, target)
+    self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype, target)
     self.dtype = dtype
     self.mlp_chunk = int(config.get("mlp_chunk", 0))
+    self.cpu_paths = target.cpu_paths
+    self.placement = target
 
   def __call__(self, x, key_valid=None):
-    # Layer norm and GELU are recomputed in backward (fused_layers): the
-    # backward pass keeps each block's residual stream, q/k/v, the attention
-    # output and the MLP's pre-activation, not the norms' or GELU's outputs.
-    x = x + self.attn(x, self.norm1, key_valid)
-    return x + _over_token_chunks(self._mlp, x, self.mlp_chunk)
+    x = x + self.attn(_batch_sharded(x, self.placement), self.norm1, key_valid)
+    x = _batch_sharded(x, self.placement)
+    return _batch_sharded(x + _over_token_chunks(self._mlp, x, self.mlp_chunk), self.placement)
 
   def _mlp(self, x):
-    hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
-                                     self.up.kernel[...], self.up.bias[...], self.dtype,
-                                     self.norm2.epsilon)
-    return fused_layers.gelu_dense(hidden, self.down.kernel[...], self.down.bias[...], self.dtype)
+    if self.cpu_paths:
+      # Layer norm and GELU recomputed in backward (fused_layers): the backward
+      # pass keeps the residual stream and the MLP's pre-activation only.
+      hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
+                                       self.up.kernel[...], self.up.bias[...], self.dtype,
+                                       self.norm2.epsilon)
+      hidden = checkpoint_name(hidden, "mlp_hidden")
+      return fused_layers.gelu_dense(hidden, self.down.kernel[...], self.down.bias[...],
+                                     self.dtype)
+    hidden = checkpoint_name(self.up(self.norm2(x).astype(self.dtype)), "mlp_hidden")
+    return self.down(jax.nn.gelu(hidden))
+
+
+def _batch_sharded(x, target: platforms.Target):
+  """x (B, ...) constrained to batch over data x fsdp, the rest replicated, as
+  MaxText constrains its activations. Without it XLA may keep an activation
+  sharded like the fsdp-sharded weight it meets (over 'embed') and all-reduce
+  partial products of every matmul instead of gathering the weights (an 8-GPU
+  FSDP step: 240 GB of all-reduce per step)."""
+  mesh = target.mesh
+  if mesh is None or mesh.size == 1:
+    return x
+  shards = sharding.batch_divisor(mesh)
+  if x.shape[0] % shards:
+    return x  # e.g. one window to encode on a data-parallel mesh
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
 
 
 def _over_token_chunks(fn, x, chunk: int):
@@ -250,17 +290,18 @@ class Stack(nnx.Module):
   with depth; config.remat recomputes each block's activations in backward."""
 
   def __init__(self, depth: int, width: int, heads: int, config: ml_collections.ConfigDict, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, target: platforms.Target):
     self.scan = bool(config.get("scan", False))
     self.remat = config.get("remat", "none")
+    self.cpu_paths = target.cpu_paths
     if self.scan:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def stacked(rngs):
-        return Block(width, heads, config, rngs)
+        return Block(width, heads, config, rngs, target)
       self.blocks = stacked(rngs)
     else:
-      self.blocks = nnx.List([Block(width, heads, config, rngs) for _ in range(depth)])
+      self.blocks = nnx.List([Block(width, heads, config, rngs, target) for _ in range(depth)])
 
   def __call__(self, x, key_valid=None):
     dtype = x.dtype
@@ -275,7 +316,7 @@ class Stack(nnx.Module):
         x = run(block, x)
       return x
 
-    if self.remat == "block":
+    if self.remat == "block" and self.cpu_paths:
       graphdef, params = nnx.split(self.blocks)
       apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
       return _recomputed_layers(apply, params, x, key_valid)
@@ -283,6 +324,8 @@ class Stack(nnx.Module):
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def layers(block, h):
       return run(block, h)
+    if not self.cpu_paths:
+      return layers(self.blocks, x)
     # The carry (each layer's saved input) is float32 holding bfloat16 values
     # exactly: XLA's CPU backend stacks and slices bfloat16 through float32 and
     # hoisted a float32 copy of the whole stack beside the bfloat16 one.
@@ -354,31 +397,35 @@ def _take_tokens(x, ids):
 class MaskedAutoencoder(nnx.Module):
   """Encoder on visible tokens, light decoder with mask tokens, masked MSE."""
 
-  def __init__(self, spec: TokenSpec, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, spec: TokenSpec, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               target: platforms.Target | None = None):
+    """`target`: what the model is compiled for (None: this host, one device)."""
     # Placement is left to jit's out_shardings (see train_step), so a model can
     # also be built with no mesh at all, e.g. in a notebook.
     with nnx.use_eager_sharding(False):
-      self._build(spec, config, rngs)
+      self._build(spec, config, rngs, target or platforms.Target.host())
 
-  def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+             target: platforms.Target):
     check_model_config(config)
     width, depth, heads, d_width, d_depth, d_heads = SIZES[config.size]
     dtype = DTYPES[config.dtype]
     self.spec = spec
     self.dtype = dtype
+    self.placement = target
     self.norm_target = bool(config.norm_target)
-    self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype)
+    self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
                    if config.region_embedding else None)
-    self.encoder = Stack(depth, width, heads, config, rngs=rngs)
+    self.encoder = Stack(depth, width, heads, config, rngs=rngs, target=target)
     self.encoder_norm = _norm(rngs, width)
-    self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype)
+    self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype, target)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
-    self.decoder = Stack(d_depth, d_width, d_heads, config, rngs=rngs)
+    self.decoder = Stack(d_depth, d_width, d_heads, config, rngs=rngs, target=target)
     self.decoder_norm = _norm(rngs, d_width)
-    self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype)
+    self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
 
   def token_codes(self):
     """(N, width) position (+ region) code added to every token."""
@@ -397,6 +444,7 @@ class MaskedAutoencoder(nnx.Module):
     # Gather first, so only the visible tokens are embedded.
     codes = jnp.take(self.token_codes().astype(self.dtype), ids_keep, axis=0)
     x = self.embed(_take_tokens(tokens, ids_keep).astype(self.dtype)) + codes
+    x = _batch_sharded(x, self.placement)
     return self.encoder_norm(self.encoder(x, keep_valid))
 
   def decode(self, encoded, ids_restore, keep_valid=None):
@@ -411,7 +459,7 @@ class MaskedAutoencoder(nnx.Module):
     n_mask = ids_restore.shape[1] - n_keep
     fill = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n_mask, width))
     x = _take_tokens(jnp.concatenate([x, fill], axis=1), ids_restore)
-    x = x + self.decoder_positions().astype(x.dtype)
+    x = _batch_sharded(x + self.decoder_positions().astype(x.dtype), self.placement)
     x = self.decoder_norm(self.decoder(x))
     return self.head(x.astype(self.dtype)).astype(jnp.float32)
 

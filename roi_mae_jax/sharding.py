@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from roi_mae_jax import errors
@@ -69,10 +70,21 @@ def mesh_from_config(mesh_cfg: Mapping[str, int], devices=None) -> jax.sharding.
                             "run; a multi-process mesh must use them all (set one axis to -1)")
   if used < len(devices):
     logging.warning("mesh %s uses %d of %d devices", dict(zip(AXES, shape)), used, len(devices))
+  return make_mesh(shape, devices[:used])
+
+
+def make_mesh(shape: tuple[int, int, int], devices) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh of `devices` laid out on their physical topology,
+  splitting a torus axis where an axis size needs it (tensor=2 on a 4x4x4 TPU
+  v5p slice)."""
   # Auto axes: the mask sampler gathers constants by sharded indices, which
   # Explicit axes reject.
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices[:used])
+  auto = (jax.sharding.AxisType.Auto,) * len(shape)
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:  # no assignment without splitting a physical axis
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
 def logical_to_mesh(spec: P | None) -> P:

@@ -27,6 +27,7 @@ from roi_mae_jax import build
 from roi_mae_jax import masking
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
+from roi_mae_jax import platforms
 from roi_mae_jax import region_objectives
 from roi_mae_jax import sharding as sharding_lib
 
@@ -79,22 +80,28 @@ class TrainSetup:
   parts: build.Parts | None = None
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh) -> "TrainSetup":
-    """The setup of `config` on `mesh`; `setup.parts` holds its patch map, spec and sampler."""
+  def from_config(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  cpu_paths: bool | None = None) -> "TrainSetup":
+    """The setup of `config` on `mesh`; `setup.parts` holds its patch map, spec and sampler.
+
+    The model is compiled for the platform of `mesh`'s devices (a TPU or GPU
+    topology's too, from a CPU host); `cpu_paths` (None: on for CPU meshes)
+    forces the CPU-only paths on or off (see platforms)."""
     parts = build.parts(config)
-    setup = cls.create(config, parts.spec, parts.sampler, mesh)
+    setup = cls.create(config, parts.spec, parts.sampler, mesh, cpu_paths)
     return dataclasses.replace(setup, parts=parts)
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, spec: model_lib.TokenSpec,
-             sampler: masking.MaskSampler, mesh: jax.sharding.Mesh) -> "TrainSetup":
+             sampler: masking.MaskSampler, mesh: jax.sharding.Mesh,
+             cpu_paths: bool | None = None) -> "TrainSetup":
     init_key, train_key = build.parameter_keys(config)
+    target = platforms.Target.of_mesh(mesh, cpu_paths)
     schedule = learning_rate_schedule(config.optim, config.total_steps)
     tx = make_optimizer(config.optim, schedule)
 
     def new_model(key):  # placed by the jitted init's out_shardings below
-      return build.new_model(config, spec, key)
+      return build.new_model(config, spec, key, target)
 
     abstract_model = nnx.eval_shape(lambda: new_model(init_key))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)

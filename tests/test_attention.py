@@ -7,6 +7,8 @@ import pytest
 
 from roi_mae_jax import attention
 from roi_mae_jax import errors
+from roi_mae_jax import platforms
+from roi_mae_jax import sharding
 
 
 def _qkv(tokens, seed=0, batch=2, heads=3, head_dim=8, dtype=jnp.float32):
@@ -114,14 +116,52 @@ def test_reference_equals_jax_dot_product_attention_with_a_key_mask():
                              atol=2e-6)
 
 
-def test_auto_chooses_by_backend_dtype_and_size():
+def test_auto_chooses_by_platform_dtype_and_size():
   f32, bf16 = jnp.float32, jnp.bfloat16
   assert attention.choose("auto", "cpu", f32, 2, 1200, 6) == "dense"
   assert attention.choose("auto", "cpu", bf16, 1, 28480, 8) == "chunked"
   assert attention.choose("auto", "gpu", bf16, 1, 28480, 8) == "cudnn"
   assert attention.choose("auto", "gpu", f32, 1, 28480, 8) == "chunked"
-  assert attention.choose("auto", "tpu", bf16, 1, 28416, 8) == "pallas"
+  assert attention.choose("auto", "gpu", f32, 2, 1200, 6) == "xla"  # no CPU loop on a GPU
+  for tokens in (28416, 29100, 14550, 100):  # any token count: the kernel pads
+    assert attention.choose("auto", "tpu", bf16, 1, tokens, 8) == "pallas"
+    assert attention.choose("auto", "tpu", f32, 1, tokens, 8) == "pallas"
   assert attention.choose("chunked", "gpu", bf16, 1, 64, 8) == "chunked"
+
+
+def test_auto_follows_the_target_not_the_host():
+  """A CPU host compiling for a TPU mesh picks the TPU's kernel."""
+  q, k, v, _ = _qkv(8)
+  tpu = platforms.Target("tpu", None, cpu_paths=False)
+  picked = []
+  original = attention.pallas_flash
+  attention.pallas_flash = lambda *a, **kw: picked.append("pallas") or q
+  try:
+    attention.attend(q, k, v, target=tpu)
+  finally:
+    attention.pallas_flash = original
+  assert picked == ["pallas"]
+
+
+@pytest.mark.parametrize("heads,tensor", [(4, 2), (6, 4)])  # heads split; queries split
+def test_pallas_runs_under_shard_map_on_a_mesh(monkeypatch, heads, tensor):
+  """The Pallas kernel's shard_map on an 8-device mesh, the kernel replaced by the
+  reference (the TPU kernel cannot run here): the sharding of batch, heads or
+  queries and the token padding give the reference's values and gradients."""
+  monkeypatch.setattr(attention, "_PALLAS_MIN_BLOCK", 16)
+  monkeypatch.setattr(attention, "_pallas_local", attention.reference)
+  mesh = jax.make_mesh((8 // tensor, 1, tensor), sharding.AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q, k, v, cotangent = _qkv(37, seed=3, batch=4, heads=heads)
+  valid = jax.random.bernoulli(jax.random.key(2), 0.7, (4, 37))
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent),
+                                      argnums=(0, 1, 2)))
+  got = loss(lambda q, k, v: attention.pallas_flash(q, k, v, valid, mesh=mesh))(q, k, v)
+  want = loss(lambda q, k, v: attention.reference(q, k, v, valid))(q, k, v)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
 
 
 def test_bad_or_unavailable_kernels_are_input_errors():

@@ -10,6 +10,7 @@ from conftest import load_config
 from roi_mae_jax import build
 from roi_mae_jax import fused_layers
 from roi_mae_jax import model as model_lib
+from roi_mae_jax import platforms
 from roi_mae_jax import tokens as tokens_lib
 
 
@@ -20,10 +21,10 @@ def setting():
   return config, parts.patch_map, parts.spec, parts.sampler
 
 
-def _model(spec, **overrides):
+def _model(spec, target=None, **overrides):
   cfg = model_lib.model_config("tiny")
   cfg.update(overrides)
-  return model_lib.MaskedAutoencoder(spec, cfg, rngs=nnx.Rngs(0))
+  return model_lib.MaskedAutoencoder(spec, cfg, rngs=nnx.Rngs(0), target=target)
 
 
 def _compiled(model, masks):
@@ -156,8 +157,8 @@ def test_attention_output_projection_fan_in_is_heads_times_head_dim(setting):
   np.testing.assert_allclose(std, 1 / np.sqrt(heads * head_dim), rtol=0.05)
 
 
-def _loss_and_grads(spec, sampler, params, **overrides):
-  model = _model(spec, **overrides)
+def _loss_and_grads(spec, sampler, params, target=None, **overrides):
+  model = _model(spec, target, **overrides)
   graphdef = nnx.graphdef(model)
   masks = sampler.sample_batch(jax.random.key(7), 2)
   windows = _windows(spec)
@@ -177,10 +178,20 @@ def reference_step(setting):
   return params, _loss_and_grads(spec, sampler, params, attention="reference")
 
 
+# The accelerator path (plain nnx modules, autodiff, nnx.remat in nnx.scan),
+# here compiled for the CPU with the CPU-only paths off.
+_STANDARD = platforms.Target("cpu", None, cpu_paths=False)
+
+
 @pytest.mark.parametrize("overrides", [
-    {"remat": "block"}, {"remat": "dots"}, {"scan": True},
+    {"remat": "block"}, {"remat": "dots"}, {"remat": "projections"}, {"scan": True},
     {"scan": True, "remat": "block", "mlp_chunk": 40},
     {"attention": "chunked", "attention_block": 48},
+    {"target": _STANDARD},
+    {"target": _STANDARD, "scan": True, "remat": "block"},
+    {"target": _STANDARD, "remat": "projections", "attention": "xla"},
+    {"target": _STANDARD, "scan": True, "remat": "dots", "attention": "chunked",
+     "attention_block": 48, "mlp_chunk": 40},
 ])
 def test_remat_scan_and_chunked_attention_keep_loss_and_gradients(setting, reference_step,
                                                                   overrides):
