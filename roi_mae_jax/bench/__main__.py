@@ -7,6 +7,7 @@
     python -m roi_mae_jax.bench train              # step time, tokens/s, MFU and its ceiling
     python -m roi_mae_jax.bench data               # prepare and pipeline throughput
     python -m roi_mae_jax.bench memory             # paper-scale step memory per window
+    python -m roi_mae_jax.bench aot --target=tpu:v5e:16x16 --mesh=32,1,8   # compile for a pod
 
 Each part prints a table of figures; none of it is a pass/fail test.
 """
@@ -21,7 +22,7 @@ import sys
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
 PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks",
          "train": "roi_mae_jax.bench.train", "data": "roi_mae_jax.bench.data",
-         "memory": "roi_mae_jax.bench.memory"}
+         "memory": "roi_mae_jax.bench.memory", "aot": "roi_mae_jax.bench.aot"}
 
 
 def main(argv=None) -> int:
