@@ -19,6 +19,7 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -69,11 +70,14 @@ def compile_step(config, parts: build.Parts, mesh, global_batch: int,
   batch = {"windows": jax.ShapeDtypeStruct((global_batch,) + parts.spec.window_shape,
                                            np.float32, sharding=sharding.batch_sharding(mesh))}
   start = time.perf_counter()
-  compiled = setup.step.lower(setup.abstract_state, batch).compile()
+  with _no_persistent_cache():
+    compiled = setup.step.lower(setup.abstract_state, batch).compile()
   figures = {"compile_s": time.perf_counter() - start, "global_batch": global_batch}
   figures.update(_analysis(compiled))
   if hlo:
-    figures["collectives"] = hlo_stats.collectives(compiled.as_text(), mesh.size)
+    text = compiled.as_text()
+    figures["collectives"] = hlo_stats.collectives(text, mesh.size)
+    figures["custom_calls"] = hlo_stats.custom_calls(text)
   return figures
 
 
@@ -85,9 +89,22 @@ def compile_encoder(config, parts: build.Parts, mesh, global_batch: int) -> dict
   windows = jax.ShapeDtypeStruct((global_batch,) + parts.spec.window_shape, np.float32,
                                  sharding=sharding.batch_sharding(mesh))
   start = time.perf_counter()
-  compiled = jax.jit(pre.encode).lower(params, windows).compile()
+  with _no_persistent_cache():
+    compiled = jax.jit(pre.encode).lower(params, windows).compile()
   return {"compile_s": time.perf_counter() - start, "global_batch": global_batch,
           **_analysis(compiled)}
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+  """A compile-only client cannot load a cached executable (JAX warns and
+  compiles again): these compiles bypass a persistent compilation cache."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def _analysis(compiled) -> dict:
@@ -198,6 +215,7 @@ def describe(f: dict) -> str:
             f"{row['wire_bytes'] / 2**20:>10,.1f} MiB sent" for kind, row in sorted(table.items())]
   if not table:
     lines.append("    none")
+  lines.append(f"  kernels called in the compiled step: {', '.join(at['custom_calls']) or 'none'}")
   if not at["collectives"]["trip_counts_known"]:
     lines.append("    (a loop's trip count was unknown and taken as 1)")
   r = f["roofline"]

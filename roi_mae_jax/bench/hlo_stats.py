@@ -165,3 +165,9 @@ def collectives(hlo: str, devices: int = 1) -> dict:
       row["bytes"] += times * size
       row["wire_bytes"] += times * _wire_bytes(kind, size, _group_size(line, devices))
   return {"by_kind": table, "trip_counts_known": known}
+
+
+def custom_calls(hlo: str) -> list[str]:
+  """The custom-call targets of a compiled program (the Pallas kernel is
+  'tpu_custom_call', cuDNN's attention '__cudnn$fmha...')."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
