@@ -25,6 +25,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from roi_mae_jax import attention as attention_lib
 from roi_mae_jax import build
@@ -98,13 +99,17 @@ def compile_encoder(config, parts: build.Parts, mesh, global_batch: int) -> dict
 @contextlib.contextmanager
 def _no_persistent_cache():
   """A compile-only client cannot load a cached executable (JAX warns and
-  compiles again): these compiles bypass a persistent compilation cache."""
+  compiles again): these compiles bypass a persistent compilation cache. JAX
+  decides once per process whether it uses the cache; `reset_cache` makes it
+  decide again, on entry and on exit."""
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def _analysis(compiled) -> dict:
