@@ -123,14 +123,31 @@ class Scan:
   def shape(self) -> tuple[int, int, int]:
     return tuple(int(s) for s in self.image.shape[:3])
 
+  @property
+  def zero_level(self) -> float:
+    """Decoded values below this magnitude are background (0).
+
+    Integers stored with scl_slope / scl_inter decode a background of 0 to
+    the level nearest 0, e.g. -1e-7: within half a quantisation step of 0,
+    so it is 0 to the precision of the file.
+    """
+    if not np.issubdtype(self.image.get_data_dtype(), np.integer):
+      return 0.0
+    slope = getattr(self.image.dataobj, "slope", 1.0)
+    slope = float(slope) if slope is not None and np.isfinite(slope) and slope else 1.0
+    return abs(slope) / 2
+
   def frame_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first frame, (X, Y, Z, n) float32) in order; only one chunk in memory."""
+    zero = self.zero_level
     for start in range(0, self.frames, chunk):
       stop = min(start + chunk, self.frames)
       try:
         data = np.asarray(self.image.dataobj[..., start:stop], dtype=np.float32)
       except (EOFError, OSError, ValueError, zlib.error) as e:
         raise _read_error(self.path, e) from e
+      if zero:
+        data[np.abs(data) < zero] = 0.0
       yield start, data
 
 
