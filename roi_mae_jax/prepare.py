@@ -60,6 +60,7 @@ from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
+from roi_mae_jax.data import registration
 from roi_mae_jax.data import resample
 from roi_mae_jax.data import shards
 
@@ -210,9 +211,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   # --- Target grid, atlas, brain --------------------------------------------
   on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
   patch_map = patches_lib.patch_map_from_config(config)
-  job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
-                                    config.normalise,
-                                    denoise.DenoiseRules.from_config(config.denoise))
+  job = prepare_scan.ScanJob.create(
+      on_grid, nifti.ScanRules.from_config(config), config.normalise,
+      denoise.DenoiseRules.from_config(config.denoise),
+      registration.RegistrationRules.from_config(config.get("registration")))
   _check_earlier_dataset(workdir, job.info)
   outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
                      dict(job.info.to_json(), atlas=on_grid.source))

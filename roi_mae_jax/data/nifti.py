@@ -13,6 +13,8 @@ Rules (each failure is one reason; the header checks are all reported together):
     header's pixdim[4] in its time unit (a value over 100 in 'sec' or
     unknown units is read as milliseconds); otherwise `config.default_tr`;
     it must lie in 0.2-10 s;
+  - the sform or qform code gives the affine a space (both 0: skipped; only
+    scanner or Talairach codes: a warning, see data/registration.py);
   - the affine is finite and not singular (each named as such), and plausibly
     MNI: voxel sizes 0.5-10 mm, axes within
     `max_oblique_degrees` of the cardinal axes (images in MNI space are not
@@ -39,6 +41,7 @@ import nibabel as nib
 import numpy as np
 
 from roi_mae_jax import errors
+from roi_mae_jax.data import registration
 
 TR_RANGE_S = (0.2, 10.0)
 VOXEL_RANGE_MM = (0.5, 10.0)
@@ -114,6 +117,7 @@ class Scan:
   tr: float            # seconds
   tr_source: str       # where the TR came from
   frames: int          # in the file
+  form_note: str = ""  # a caution about the sform/qform codes ('' when they claim MNI)
 
   @property
   def affine(self) -> np.ndarray:
@@ -226,7 +230,8 @@ def open_scan(path: str, rules: ScanRules, brain_world_mm: np.ndarray,
   elif frames < rules.min_frames:
     reasons.append(f"too few frames: {frames}; windows need {rules.min_frames}")
 
-  reasons += _affine_problems(image.affine, shape, rules, brain_world_mm)
+  codes = registration.form_code_problem(image.header)
+  reasons += [codes] if codes else _affine_problems(image.affine, shape, rules, brain_world_mm)
   if reasons:
     raise ScanRejected("; ".join(reasons))
-  return Scan(path, image, scan_tr, tr_source, frames)
+  return Scan(path, image, scan_tr, tr_source, frames, registration.form_code_note(image.header))

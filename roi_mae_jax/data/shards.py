@@ -41,6 +41,7 @@ SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".array_record"
 INDEX_COLUMNS = ("scan", "subject", "site", "label", "frames", "tr", "shard", "source_frames",
                  "source_tr", "tr_source", "brain_with_data", "nonfinite_voxels",
+                 "sform_code", "qform_code", "brain_inside_template", "brain_dice", "warning",
                  "denoise", "confounds", "confound_count", "detrend", "high_pass_hz",
                  "low_pass_hz", "dropped_frames", "path")
 
