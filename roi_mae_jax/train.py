@@ -4,7 +4,9 @@ r"""Task `pretrain`: the region-aware masked autoencoder on a device mesh.
 
 Re-running with the same workdir resumes from the newest intact checkpoint
 (same data order, same masks, same numbers); a damaged newer one is reported
-and moved to checkpoints.rejected/. A resume must keep total_steps (the
+and moved to checkpoints.rejected/. A resume onto a prepared dataset that
+changed since (data_fingerprint.json) is refused unless
+resume_onto_changed_data=True. A resume must keep total_steps (the
 learning-rate schedule depends on it): another value is refused. A full disk
 stops the run with a message naming the checkpoint kept. SIGTERM or SIGINT
 (Ctrl-C) stops it after the step in flight: that step is saved and sealed,
@@ -28,6 +30,7 @@ from absl import logging
 from flax import nnx
 
 from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import dataset_identity
 from roi_mae_jax import distributed
 from roi_mae_jax import errors
 from roi_mae_jax import masking
@@ -46,7 +49,8 @@ REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size
                  "optim.learning_rate", "log_every", "checkpoint_every")
 # Settings a resumed run may change without being a different run.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints",
-                     "fault_kill_after_step", "overwrite", "distributed")
+                     "fault_kill_after_step", "overwrite", "distributed",
+                     "resume_onto_changed_data")
 
 
 def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
@@ -198,6 +202,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
+  try:
+    dataset_identity.check_and_record(
+        workdir, config.data.shards, resuming=ckpt.latest_step() is not None,
+        allow_change=bool(config.get("resume_onto_changed_data", False)))
+  except errors.InputError:
+    ckpt.close()
+    raise
   try:
     with preemption.StopOnSignal() as stop:
       state = _resume_or_init(ckpt, setup, iterator)

