@@ -41,6 +41,7 @@ _VERBOSE = flags.DEFINE_bool(
 
 def main(argv) -> None:
   console.configure(_VERBOSE.value)
+  console.route_thread_stderr()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:  # the config file is loaded here, on first use
@@ -74,7 +75,8 @@ def main(argv) -> None:
 
 def _fail(message: str, status: int, prefix: str = "error") -> None:
   logging.flush()
-  print(f"{prefix}: {message}", file=sys.stderr)
+  # sys.__stderr__: the console even when a full disk diverted the libraries' output.
+  print(f"{prefix}: {message}", file=sys.__stderr__ or sys.stderr, flush=True)
   sys.exit(status)
 
 

@@ -23,9 +23,12 @@ import ml_collections
 
 from roi_mae_jax import config_lib
 from roi_mae_jax import config_validation
+from roi_mae_jax import console
 from roi_mae_jax import errors
 from roi_mae_jax import outputs
 from roi_mae_jax import workdir_lock
+
+LIBRARY_ERRORS = "library_errors.log"  # the libraries' own tracebacks (console.library_errors_to)
 
 # Task name -> module; imported only when chosen, so the CLI starts fast.
 TASKS = {
@@ -49,8 +52,11 @@ def run_task(config: ml_collections.ConfigDict, workdir: str) -> None:
   config_lib.require(config, module.REQUIRED_KEYS, task)
   config_validation.validate(config)
   make_workdir(workdir)
+  process = _process_index(config)
+  console.library_errors_to(os.path.join(
+      workdir, LIBRARY_ERRORS if process == 0 else f"{LIBRARY_ERRORS}.process{process}"))
   with contextlib.ExitStack() as locks:
-    locks.enter_context(workdir_lock.WorkdirLock(workdir, task, _process_index(config)))
+    locks.enter_context(workdir_lock.WorkdirLock(workdir, task, process))
     for folder in _datasets_read(config, workdir):
       locks.enter_context(workdir_lock.ReadLock(folder, task))
     outputs.check_task(workdir, task)

@@ -30,6 +30,7 @@ from absl import logging
 from flax import nnx
 
 from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import console
 from roi_mae_jax import dataset_identity
 from roi_mae_jax import distributed
 from roi_mae_jax import errors
@@ -220,9 +221,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     _close_after_error(ckpt)
     if errors.is_disk_full(e):
+      details = console.library_errors_path()
       raise errors.TrainingError(
           f"no space left on device ({_first_line(e)}); training stopped and "
-          f"{_kept(ckpt)}: free space and re-run the same command to resume") from e
+          f"{_kept(ckpt)}: free space and re-run the same command to resume" +
+          (f" (the libraries' tracebacks are in {details})" if details else "")) from e
     raise
   finally:
     pipeline.close(iterator)  # its worker processes, if any, end with the run
