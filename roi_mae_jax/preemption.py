@@ -16,6 +16,10 @@ every process stop after the same step, even when only one got the signal.
 A second signal of the same kind acts as if no handler were installed (the
 process ends at once), so a stuck save can still be interrupted.
 
+Library loops without a step of their own to save (fine-tuning, compare's
+evaluations) call `check(where, kept)` between steps: it raises `Stopped`
+when the innermost active `StopOnSignal` has received a signal.
+
 `Stopped` carries the exit status the CLI uses: 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process ended
 by that signal, so job scripts see the same status with or without this.
@@ -31,6 +35,7 @@ import numpy as np
 from roi_mae_jax import errors
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_ACTIVE: list["StopOnSignal"] = []   # innermost last
 
 
 def exit_status(signum: int) -> int:
@@ -65,12 +70,15 @@ class StopOnSignal:
     if threading.current_thread() is threading.main_thread():
       for signum in self.signals:
         self._previous[signum] = signal.signal(signum, self._handle)
+    _ACTIVE.append(self)
     return self
 
   def __exit__(self, *exc) -> None:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
+    if self in _ACTIVE:
+      _ACTIVE.remove(self)
 
   @property
   def requested(self) -> bool:
@@ -96,3 +104,11 @@ class StopOnSignal:
   def stopped(self, message: str) -> errors.Stopped:
     """The exception that ends the task: `message` and the status for this signal."""
     return errors.Stopped(f"{self.name}: {message}", exit_status(self.received or 0))
+
+
+def check(where: str, kept: str) -> None:
+  """Raises `Stopped` ("SIGTERM: stopped <where>; <kept>") if a signal arrived (single
+  process: loops that call this have no cross-process step to agree on)."""
+  for active in reversed(_ACTIVE):
+    if active.requested:
+      raise active.stopped(f"stopped {where}; {kept}")

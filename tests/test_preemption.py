@@ -181,3 +181,24 @@ def test_stop_request_in_the_loop_saves_the_step_reached(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(reference)).params)),
                   jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(stopped)).params))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_fine_tuning_stops_between_steps_with_one_line(pretrained_dir, tmp_path, monkeypatch):
+  from roi_mae_jax import finetuning  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import preemption  # pylint: disable=g-import-not-at-top
+  config = load_config("finetune", "test")
+  config.checkpoint = str(pretrained_dir)
+  original, calls = finetuning.Trainer.step, []
+
+  def step_then_signal(self, *args):
+    calls.append(1)
+    if len(calls) == 2:  # what the handler does when SIGTERM arrives
+      preemption._ACTIVE[-1].received = signal.SIGTERM  # pylint: disable=protected-access
+    return original(self, *args)
+
+  monkeypatch.setattr(finetuning.Trainer, "step", step_then_signal)
+  with pytest.raises(errors.Stopped) as info:
+    tasks.run_task(config, str(tmp_path / "out"))
+  assert info.value.status == 143
+  assert str(info.value).startswith("SIGTERM: stopped in fine-tuning at step 2 of ")
+  assert "\n" not in str(info.value) and not preemption._ACTIVE  # pylint: disable=protected-access
