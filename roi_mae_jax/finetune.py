@@ -54,6 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(f"Fine-tuning ({config.mode}, {config.steps} steps, clips of "
             f"{config.clip_windows} windows), ADHD vs control: {len(tuning.table.subjects)} "
             "subjects\n\n" + text)
+  with preemption.StopOnSignal():
+    final, calibration = tuning.fit_all()
   classifier.save_classifier(paths["classifier"], final, {
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),
