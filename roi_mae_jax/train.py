@@ -115,6 +115,9 @@ def _stop(config, state, done: int, iterator, ckpt: checkpoint_lib.Checkpointer,
   if done not in ckpt.all_steps():
     ckpt.save(done, state, data_iterator=iterator)
   ckpt.wait()
+  if jax.process_count() > 1:  # process 0 seals after the commit: nobody exits before that
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"checkpoint {done} sealed")
   return stop.stopped(
       f"stopped at step {done} of {config.total_steps}; checkpoint step {done} is saved and "
       f"sealed in {ckpt.directory}: re-run the same command to resume from it")

@@ -202,3 +202,44 @@ def test_fine_tuning_stops_between_steps_with_one_line(pretrained_dir, tmp_path,
   assert info.value.status == 143
   assert str(info.value).startswith("SIGTERM: stopped in fine-tuning at step 2 of ")
   assert "\n" not in str(info.value) and not preemption._ACTIVE  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_two_stops_both_after_the_same_step(tmp_path):
+  workdir = tmp_path / "pod"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", DEVICES_PER_PROCESS="1",
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  launcher = subprocess.Popen(
+      ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/pretrain_aal3.py:test",
+       f"--workdir={workdir}", "--config.batch_size=4", "--config.total_steps=100000",
+       "--config.log_every=1", "--config.checkpoint_every=100000", "--config.mesh.data=-1",
+       "--config.data.streams=2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    log = workdir / "logs" / "process_1.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step 5/" in log.read_text()):
+      assert launcher.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    [second] = [p for p in _descendants(launcher.pid) if b"JAX_PROCESS_ID=1" in
+                open(f"/proc/{p}/environ", "rb").read() and b"roi_mae_jax.main" in
+                open(f"/proc/{p}/cmdline", "rb").read()]
+    os.kill(second, signal.SIGTERM)  # as a preempted host's process gets it, alone
+    assert launcher.wait(timeout=120) == 143
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  lines = [[line for line in (workdir / "logs" / f"process_{i}.log").read_text().splitlines()
+            if line.startswith("stopped:")] for i in range(2)]
+  assert len(lines[0]) == 1 and lines[0] == lines[1]  # the same step on both
+  step = int(lines[0][0].split("stopped at step ")[1].split()[0])
+  assert checkpoint_integrity.verify(str(workdir / "checkpoints" / str(step))) is None
+
+
+def _descendants(pid):
+  found, todo = [], [pid]
+  while todo:
+    children = _children(todo.pop())
+    found += children
+    todo += children
+  return found
