@@ -140,6 +140,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def has_step(self, step: int) -> bool:
+    """Whether `step` is saved: committed, or saved by this object and still in flight."""
+    return step in self._unsealed or step in self.all_steps()
+
   def newest_sealed(self) -> int | None:
     """The newest step with a checksum manifest (what a resume would restore)."""
     sealed = [s for s in self.all_steps() if integrity.is_sealed(self.step_dir(s))]

@@ -112,7 +112,7 @@ def _stop(config, state, done: int, iterator, ckpt: checkpoint_lib.Checkpointer,
           stop: preemption.StopOnSignal) -> errors.Stopped:
   """Saves step `done` (unless just saved), waits until it is sealed; the exception to raise."""
   _check_finite(state, done, ckpt)
-  if done not in ckpt.all_steps():
+  if not ckpt.has_step(done):  # a save of this step may be in flight already
     ckpt.save(done, state, data_iterator=iterator)
   ckpt.wait()
   if jax.process_count() > 1:  # process 0 seals after the commit: nobody exits before that

@@ -152,19 +152,19 @@ def test_signal_in_prepare_stops_workers_writes_what_is_done_and_resumes(many_sc
   assert len(shards.PreparedDataset(str(workdir)).rows) == 16
 
 
-def test_stop_request_in_the_loop_saves_the_step_reached(tmp_path):
+@pytest.mark.parametrize("stop_after", [3, 4])  # 4: a checkpoint step, its save in flight
+def test_stop_request_in_the_loop_saves_the_step_reached(pretrained_dir, tmp_path, stop_after):
   """In-process: the same path as a signal, for the message and the numbers after resume."""
   from roi_mae_jax import preemption  # pylint: disable=g-import-not-at-top
   from roi_mae_jax import pretrained  # pylint: disable=g-import-not-at-top
   config = load_config("pretrain_aal3", "test")
-  reference = tmp_path / "reference"
-  tasks.run_task(config, str(reference))
+  reference = pretrained_dir  # the same config, run without a stop
   original = preemption.StopOnSignal.agreed
   calls = []
 
   def stop_at_third_step(self):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == stop_after:
       self.received = signal.SIGTERM
     return original(self)
 
@@ -175,8 +175,8 @@ def test_stop_request_in_the_loop_saves_the_step_reached(tmp_path):
       tasks.run_task(config, str(stopped))
   finally:
     preemption.StopOnSignal.agreed = original
-  assert info.value.status == 143 and "stopped at step 3 of 6" in str(info.value)
-  assert checkpoint_integrity.verify(str(stopped / "checkpoints" / "3")) is None
+  assert info.value.status == 143 and f"stopped at step {stop_after} of 6" in str(info.value)
+  assert checkpoint_integrity.verify(str(stopped / "checkpoints" / str(stop_after))) is None
   tasks.run_task(config, str(stopped))
   for a, b in zip(jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(reference)).params)),
                   jax.tree.leaves(jax.device_get(pretrained.load_pretrained(str(stopped)).params))):
