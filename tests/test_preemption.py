@@ -243,3 +243,18 @@ def _descendants(pid):
     found += children
     todo += children
   return found
+
+
+def test_a_killed_prepare_leaves_no_worker(many_scans, tmp_path):
+  log = tmp_path / "log.txt"
+  run = _start("--config=configs/prepare.py", f"--workdir={tmp_path / 'out'}",
+               f"--config.input_dir={many_scans}", "--config.workers=2", log=log)
+  try:
+    _wait_for(log, " 1/16 scans", run)
+    workers = _children(run.pid)
+    run.kill()  # SIGKILL: the pool's clean-up never runs
+    run.wait(timeout=30)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  assert workers and _gone_within(workers, 10) == []
