@@ -100,3 +100,12 @@ def test_normalise_is_scale_free_in_both_modes():
     for scale in (1e30, 1e-30, 1e-38):
       got = resample.normalise((run * np.float64(scale)).astype(np.float32), valid, mode)
       np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=f"{mode} {scale}")
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_float64_files_beyond_float32_range_give_the_same_shard(original, tmp_path, scale):
+  image, data = original
+  _, reference = _prepare_one(_save(image, data, tmp_path / "ref.nii.gz"), tmp_path, "ref")
+  _, frames = _prepare_one(_save(image, data.astype(np.float64) * scale,
+                                 tmp_path / "f64.nii.gz", dtype=np.float64), tmp_path, "f64")
+  np.testing.assert_allclose(frames, reference, atol=2e-3)

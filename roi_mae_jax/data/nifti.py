@@ -142,17 +142,43 @@ class Scan:
     return abs(slope) / 2
 
   def frame_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first frame, (X, Y, Z, n) float32) in order; only one chunk in memory."""
-    zero = self.zero_level
+    """(first frame, (X, Y, Z, n) float32) in order; only one chunk in memory.
+
+    Float64 files and scaled integers are read in float64 and, when their
+    magnitude is far from 1 (beyond float32's range: 1e300, 1e-300),
+    multiplied by one power of two for the whole scan, taken from the first
+    chunk: the normalisation is scale-free, so the shard is the same, and
+    float32 neither overflows nor flushes them to 0. A later chunk beyond
+    float32 after that scaling is non-finite (and so reported).
+    """
+    zero, scale = self.zero_level, None
+    # float64 only where float32 may not hold the values: float64 files, scaled integers.
+    wide = self.image.get_data_dtype().itemsize >= 8 or zero
     for start in range(0, self.frames, chunk):
       stop = min(start + chunk, self.frames)
       try:
-        data = np.asarray(self.image.dataobj[..., start:stop], dtype=np.float32)
+        data = np.asarray(self.image.dataobj[..., start:stop],
+                          dtype=np.float64 if wide else np.float32)
       except (EOFError, OSError, ValueError, zlib.error) as e:
         raise _read_error(self.path, e) from e
       if zero:
         data[np.abs(data) < zero] = 0.0
-      yield start, data
+      if scale is None:
+        scale = _power_of_two_scale(data)
+      if scale != 1.0:
+        data *= scale
+      with np.errstate(over="ignore"):  # beyond float32 becomes inf: reported as non-finite
+        yield start, data.astype(np.float32)
+
+
+def _power_of_two_scale(data: np.ndarray) -> float:
+  """1, or the power of two that brings the largest finite |value| near 1 when it lies
+  outside 1e-20..1e20 (float32 holds 1e-38..3e38)."""
+  finite = np.abs(data[np.isfinite(data)])
+  peak = float(finite.max()) if finite.size else 0.0
+  if peak == 0.0 or 1e-20 <= peak <= 1e20:
+    return 1.0
+  return float(2.0 ** -np.round(np.log2(peak)))
 
 
 def _affine_problems(affine: np.ndarray, shape, rules: ScanRules,
