@@ -9,7 +9,8 @@ compares it with the dataset as it is now: `prepare --overwrite=True` with
 other scans into the same folder keeps the path (and so config.json) the
 same, but the checkpoint was trained on other data. That resume is refused
 with one line naming both, unless `resume_onto_changed_data=True`, which
-goes on and appends the change to the record's `history`.
+goes on and appends the change to the record's `history`. A workdir without
+a record (a run started before records were kept) gets one, unchecked.
 """
 
 from __future__ import annotations
