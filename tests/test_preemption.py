@@ -222,8 +222,7 @@ def test_sigterm_to_one_process_of_two_stops_both_after_the_same_step(tmp_path):
       assert launcher.poll() is None and time.time() < deadline
       time.sleep(0.2)
     [second] = [p for p in _descendants(launcher.pid) if b"JAX_PROCESS_ID=1" in
-                open(f"/proc/{p}/environ", "rb").read() and b"roi_mae_jax.main" in
-                open(f"/proc/{p}/cmdline", "rb").read()]
+                _proc(p, "environ") and b"roi_mae_jax.main" in _proc(p, "cmdline")]
     os.kill(second, signal.SIGTERM)  # as a preempted host's process gets it, alone
     assert launcher.wait(timeout=120) == 143
   finally:
@@ -234,6 +233,15 @@ def test_sigterm_to_one_process_of_two_stops_both_after_the_same_step(tmp_path):
   assert len(lines[0]) == 1 and lines[0] == lines[1]  # the same step on both
   step = int(lines[0][0].split("stopped at step ")[1].split()[0])
   assert checkpoint_integrity.verify(str(workdir / "checkpoints" / str(step))) is None
+
+
+def _proc(pid, name):
+  """/proc/PID/NAME, or b"" for a process that has ended meanwhile."""
+  try:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+      return f.read()
+  except OSError:
+    return b""
 
 
 def _descendants(pid):
