@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -38,6 +39,18 @@ def worker_init() -> None:
   """Initializer of a worker process: SIGINT is the parent's, and it dies with the parent."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   exit_with_parent()
+
+
+# Batches in flight in shared memory when a run stops are removed by Python's resource
+# tracker, which then warns about each "leak" on the console, after the run's last line.
+_TRACKER_LEAK_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+  """Silences that warning in the resource tracker (call before worker processes start:
+  the tracker takes its warning options from this process's `-W` options)."""
+  if _TRACKER_LEAK_WARNING not in sys.warnoptions:
+    sys.warnoptions.append(_TRACKER_LEAK_WARNING)
 
 
 def grain_worker_init(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument

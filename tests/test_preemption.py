@@ -85,6 +85,7 @@ def test_signal_in_pretraining_saves_a_sealed_checkpoint_of_the_step_reached(tmp
   assert status == 128 + sig, text[-3000:]
   lines = [line for line in text.splitlines() if line.startswith("stopped:")]
   assert len(lines) == 1 and "Traceback" not in text and "KeyboardInterrupt" not in text
+  assert "leaked shared_memory" not in text
   step = int(lines[0].split("stopped at step ")[1].split()[0])
   assert lines[0].startswith(f"stopped: {signal.Signals(sig).name}: stopped at step {step} ")
   assert f"checkpoint step {step} is saved and sealed in {workdir / 'checkpoints'}" in lines[0]

@@ -216,6 +216,7 @@ def make_iterator(dataset: grain.MapDataset, read_threads: int = 2, prefetch: in
   if prefetch_workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (notebooks, tests)
       flags.FLAGS.mark_as_parsed()
+    process_guard.quiet_resource_tracker()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers),
                                   worker_init_fn=process_guard.grain_worker_init)
   return iter(iter_ds)
