@@ -267,3 +267,25 @@ def test_a_killed_prepare_leaves_no_worker(many_scans, tmp_path):
     if run.poll() is None:
       run.kill()
   assert workers and _gone_within(workers, 10) == []
+
+
+def test_compare_stops_before_its_next_evaluation_keeping_the_finished_ones(tmp_path,
+                                                                            monkeypatch):
+  from roi_mae_jax import compare  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import outputs  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax import preemption  # pylint: disable=g-import-not-at-top
+  config = load_config("compare_masking", "test")
+  config.strategies, config.seeds, config.baseline = "roi", "0", "roi"
+  config.run_finetune, config.run_attribute = True, False
+
+  def evaluate_then_signal(config, evaluation, *args):
+    preemption._ACTIVE[-1].received = signal.SIGINT  # pylint: disable=protected-access
+    return {"done": evaluation}
+
+  monkeypatch.setattr(compare, "evaluate_run", evaluate_then_signal)
+  with pytest.raises(errors.Stopped) as info:
+    tasks.run_task(config, str(tmp_path))
+  assert info.value.status == 130
+  assert str(info.value).startswith("SIGINT: stopped before run 1/1 (roi, seed 0): finetune;")
+  kept = outputs.read_json(str(tmp_path / "runs" / "roi" / "seed0" / compare.RUN_RESULTS))
+  assert kept == {"probe": {"done": "probe"}}  # the finished evaluation is kept
