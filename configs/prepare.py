@@ -51,6 +51,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.min_coverage = 0.9         # share of the MNI brain inside the field of view
   config.max_nonfinite_fraction = 0.01
   config.min_signal_fraction = 0.5  # share of the brain with non-zero data
+  # Registration to the template (see roi_mae_jax/data/registration.py): the scan's own
+  # brain (mean |signal| > brain_threshold x its 98th percentile) against the MNI152 brain.
+  config.registration = ml_collections.ConfigDict()
+  config.registration.min_inside = 0.88    # share of the scan's brain inside the template's
+  config.registration.min_dice = 0.5       # overlap of the two brains
+  config.registration.warn_margin = 0.04   # used with a warning this close above a threshold
+  config.registration.brain_threshold = 0.2
   config.workers = 2                # processes; 0 or 1 runs in this process
   config.overwrite = False
   config.fault_kill_after_scans = 0  # >0: SIGKILL itself after that many scans (tests)

@@ -8,14 +8,15 @@
 
 A save is written to a temporary folder and renamed when complete, so a save
 cut off by a crash is never listed, and the previous checkpoint is used.
-Each committed save is then sealed with a checksum manifest
-(checkpoint_integrity) before the next save starts, and at `wait`/`close`.
-`restore` verifies the manifest first: a corrupt, unreadable or unsealed
-checkpoint is reported by path and the newest intact one is restored
-(`rejected` lists what was passed over; `set_aside_rejected` moves those
-folders to CHECKPOINTS.rejected/ so a resumed run can save those steps again).
-A directory where no checkpoint is sealed (written before manifests existed)
-is restored unverified, with a warning.
+Each save is sealed with a checksum manifest (checkpoint_integrity) as soon
+as Orbax commits it: a background thread watches for the rename that commits
+the save (Orbax's last write to the folder) and seals it then, not at the
+next save; the next save, `wait` and `close` seal any it missed. `restore` verifies the manifest first: a corrupt, unreadable,
+unsealed or badly sealed checkpoint (a damaged manifest) is reported by path
+and the newest intact one is restored (`rejected` lists what was passed over;
+`set_aside_rejected` moves those folders to CHECKPOINTS.rejected/ so a resumed
+run can save those steps again). An unsealed checkpoint is never restored:
+its bytes cannot be verified.
 Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
 In a multi-process run every process calls save and restore: arrays are
 written once, shard by shard, and each process's Grain iterator position goes
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Any
 
 import grain
@@ -74,6 +76,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._async = async_save
+    self._sealer: threading.Thread | None = None
+    self._stop_sealer = threading.Event()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
@@ -97,11 +102,36 @@ class Checkpointer:
       logging.info("removing %s, a save cut off by a crash", path)
       shutil.rmtree(path, ignore_errors=True)
 
+  def _seal_when_committed(self, step: int) -> None:
+    """Background thread: seals `step` once Orbax has renamed it into place.
+
+    The rename is Orbax's last write to the folder (its metadata and commit
+    marker come before it), so the folder is final when it appears. A save
+    that fails never appears; `_stop_sealer` ends the wait.
+    """
+    folder = self.step_dir(step)
+    while not self._stop_sealer.is_set():
+      if os.path.isdir(folder):
+        try:
+          if not integrity.is_sealed(folder):
+            integrity.seal(folder)
+        except OSError as e:  # e.g. a full disk: sealed again at wait/close, or reported there
+          logging.warning("could not seal %s yet: %s", folder, e)
+        return
+      self._stop_sealer.wait(0.02)
+
+  def _join_sealer(self) -> None:
+    if self._sealer is not None:
+      self._stop_sealer.set()
+      self._sealer.join()
+      self._sealer, self._stop_sealer = None, threading.Event()
+
   def _seal_committed(self) -> None:
-    """Seals the saves of this object that Orbax has committed (call after a wait)."""
+    """Seals the saves of this object that Orbax has committed and the hook did not."""
     for step in self._unsealed:
-      if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
-        integrity.seal(self.step_dir(step))
+      folder = self.step_dir(step)
+      if jax.process_index() == 0 and os.path.isdir(folder) and not integrity.is_sealed(folder):
+        integrity.seal(folder)
     self._unsealed = []
 
   def latest_step(self) -> int | None:
@@ -109,6 +139,10 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
+
+  def has_step(self, step: int) -> bool:
+    """Whether `step` is saved: committed, or saved by this object and still in flight."""
+    return step in self._unsealed or step in self.all_steps()
 
   def newest_sealed(self) -> int | None:
     """The newest step with a checksum manifest (what a resume would restore)."""
@@ -121,12 +155,19 @@ class Checkpointer:
     if data_iterator is not None:  # written now (synchronously): the loop moves it on
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.wait_until_finished()  # Orbax waits here anyway; then seal the last save
+    self._join_sealer()
     self._seal_committed()
     if not self._saved:
       self._remove_cut_off_saves()
       self._saved = True
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._unsealed.append(step)
+    if not self._async:  # committed when save returns
+      self._seal_committed()
+    elif jax.process_index() == 0:
+      self._sealer = threading.Thread(target=self._seal_when_committed, args=(step,),
+                                      name=f"seal_checkpoint_{step}", daemon=True)
+      self._sealer.start()
 
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iterator=None, partial: bool = False) -> tuple[Any, bool]:
@@ -149,11 +190,14 @@ class Checkpointer:
         raise errors.InputError(f"no checkpoint for step {step} in {self.directory}; there "
                                 f"are {sorted(steps)}")
       steps = [step]
-    legacy = not any(integrity.is_sealed(self.step_dir(s)) for s in self.all_steps())
     self.rejected = []
     for candidate in steps:
       folder = self.step_dir(candidate)
-      problem = None if legacy else integrity.verify(folder)
+      problem = integrity.verify(folder)
+      if problem == integrity.UNSEALED:
+        problem = (f"{integrity.UNSEALED} ({integrity.MANIFEST}): its save was cut off before "
+                   "it was sealed, or the file was removed, so its bytes cannot be verified "
+                   "and it is not restored")
       if problem is None:
         try:
           restored = self._restore_step(candidate, abstract_state, data_iterator, partial)
@@ -164,9 +208,6 @@ class Checkpointer:
           first = (str(e).splitlines() or [""])[0][:200]
           problem = f"unreadable ({type(e).__name__}: {first})"
       if problem is None:
-        if legacy:
-          logging.warning("%s has no checksum manifest (written by an earlier version): "
-                          "restored without verification", folder)
         if self.rejected:
           logging.warning("restored %s instead: %d newer checkpoint(s) were not usable",
                           folder, len(self.rejected))
@@ -277,6 +318,7 @@ class Checkpointer:
   def wait(self) -> None:
     """Waits for pending saves and seals them."""
     self.manager.wait_until_finished()
+    self._join_sealer()
     self._seal_committed()
 
   def close(self) -> None:

@@ -5,8 +5,11 @@
 
 The manifest lists every file of the step folder with its size and SHA-256,
 so a flipped bit, a truncated or deleted file (e.g. Orbax's `_METADATA`) or
-an added one is found before any byte is restored. A folder without a
-manifest is "unsealed": a run stopped between Orbax's commit and the seal.
+an added one is found before any byte is restored. A manifest that is not
+valid JSON, or valid JSON of another shape (a renamed key, a wrong type), is
+damage like any other. A folder without a manifest is "unsealed": its bytes
+cannot be verified (Checkpointer seals a save as soon as Orbax commits it, so
+only a crash in between, or a copy that dropped the file, leaves one).
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ def is_sealed(step_dir: str) -> bool:
   return os.path.exists(os.path.join(step_dir, MANIFEST))
 
 
+def _manifest_shape_problem(expected) -> str | None:
+  """Why `expected` is not {relative path: {"bytes": int, "sha256": 64 hex}} (None if it is)."""
+  if not isinstance(expected, dict):
+    return f"'files' is a {type(expected).__name__}, not a table"
+  for rel, want in expected.items():
+    if not isinstance(want, dict) or set(want) != {"bytes", "sha256"}:
+      keys = sorted(want) if isinstance(want, dict) else type(want).__name__
+      return f"the entry of {rel} holds {keys}, not bytes and sha256"
+    if not isinstance(want["bytes"], int) or isinstance(want["bytes"], bool):
+      return f"the size of {rel} is not a whole number"
+    if not (isinstance(want["sha256"], str) and len(want["sha256"]) == 64):
+      return f"the checksum of {rel} is not a SHA-256"
+  return None
+
+
 def verify(step_dir: str) -> str | None:
   """None when every file matches the manifest; otherwise the first problem found."""
   path = os.path.join(step_dir, MANIFEST)
@@ -60,7 +78,10 @@ def verify(step_dir: str) -> str | None:
     with open(path, encoding="utf-8") as f:
       expected = json.load(f)["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"its manifest {MANIFEST} is unreadable ({type(e).__name__})"
+    return f"its manifest {MANIFEST} is unreadable or damaged ({type(e).__name__})"
+  shape_problem = _manifest_shape_problem(expected)
+  if shape_problem:
+    return f"its manifest {MANIFEST} is damaged ({shape_problem})"
   present = set(_files(step_dir))
   missing = sorted(set(expected) - present)
   if missing:

@@ -43,6 +43,7 @@ from roi_mae_jax import finetuning
 from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
+from roi_mae_jax import preemption
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
 from roi_mae_jax import region_attribution
@@ -193,6 +194,9 @@ def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: 
     pre = pretrained_lib.load_pretrained(pretrain_dir)
     first = _names(config.strategies, "strategies")[0]
     for evaluation in missing:
+      preemption.check(f"before {label}: {evaluation}",
+                       f"the finished pretraining and evaluations are kept under {base}: "
+                       "re-run the same command to go on")
       logging.info("%s: %s", label, evaluation)
       kept[evaluation] = evaluate_run(config, evaluation, pre, pretrain_dir, strategy == first)
       outputs.write_json(path, kept)  # each evaluation is kept as soon as it is done
@@ -205,18 +209,23 @@ def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: 
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or reuses) every run; returns {(strategy, seed): {evaluation: its dict}}."""
+  """Runs (or reuses) every run; returns {(strategy, seed): {evaluation: its dict}}.
+
+  SIGTERM / Ctrl-C: a pretraining saves the step it reached; otherwise the run
+  stops before its next evaluation (finished ones are kept) with `errors.Stopped`.
+  """
   runs = plan_runs(config)
   done = {}
   start, worked = time.time(), 0  # the eta counts runs that did work, not reused ones
-  for n, (strategy, seed) in enumerate(runs, start=1):
-    done[(strategy, seed)], did_work = _run_one(config, strategy, seed, workdir,
-                                                f"run {n}/{len(runs)} ({strategy}, seed {seed})")
-    worked += did_work
-    elapsed = time.time() - start
-    eta = elapsed / worked * (len(runs) - n) if worked else 0.0
-    logging.info("compare: %d/%d runs done, %s elapsed, eta %s", n, len(runs),
-                 metrics_lib.duration(elapsed), metrics_lib.duration(eta))
+  with preemption.StopOnSignal():  # pretraining installs its own while it runs
+    for n, (strategy, seed) in enumerate(runs, start=1):
+      label = f"run {n}/{len(runs)} ({strategy}, seed {seed})"
+      done[(strategy, seed)], did_work = _run_one(config, strategy, seed, workdir, label)
+      worked += did_work
+      elapsed = time.time() - start
+      eta = elapsed / worked * (len(runs) - n) if worked else 0.0
+      logging.info("compare: %d/%d runs done, %s elapsed, eta %s", n, len(runs),
+                   metrics_lib.duration(elapsed), metrics_lib.duration(eta))
   return done
 
 

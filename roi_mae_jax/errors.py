@@ -26,3 +26,15 @@ def is_disk_full(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class Stopped(Exception):
+  """A run stopped on request (SIGTERM, SIGINT) after keeping its work; resumable.
+
+  The CLI prints `stopped: <message>` as one line and exits with `status`
+  (128 + the signal number: 143 for SIGTERM, 130 for SIGINT).
+  """
+
+  def __init__(self, message: str, status: int):
+    super().__init__(message)
+    self.status = status

@@ -29,6 +29,7 @@ from absl import logging
 from roi_mae_jax import classifier
 from roi_mae_jax import finetuning
 from roi_mae_jax import outputs
+from roi_mae_jax import preemption
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
 from roi_mae_jax.data import sources
@@ -44,7 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)
   tuning = finetuning.FineTuning(config, pre, source)
-  results = tuning.cross_validate()
+  with preemption.StopOnSignal():  # SIGTERM / Ctrl-C: stop between steps, one line, 143 / 130
+    results = tuning.cross_validate()
   outputs.write_json(paths["finetune_results.json"], results)
   summary = {k: v for k, v in results.items() if k not in ("splits", "meta")}
   text = probing.markdown_table({"features": {f"{config.mode} ({config.pool})": summary}})
@@ -52,7 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(f"Fine-tuning ({config.mode}, {config.steps} steps, clips of "
             f"{config.clip_windows} windows), ADHD vs control: {len(tuning.table.subjects)} "
             "subjects\n\n" + text)
-  final, calibration = tuning.fit_all()
+  with preemption.StopOnSignal():
+    final, calibration = tuning.fit_all()
   classifier.save_classifier(paths["classifier"], final, {
       "pretrained": os.path.abspath(config.checkpoint), "pretrained_step": pre.step,
       "pool": config.pool, "features": int(final["head"]["weight"].shape[0]),

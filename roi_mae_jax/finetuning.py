@@ -34,6 +34,7 @@ from roi_mae_jax import classifier
 from roi_mae_jax import errors
 from roi_mae_jax import features
 from roi_mae_jax import linear_probe
+from roi_mae_jax import preemption
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import splits as splits_lib
 
@@ -120,6 +121,9 @@ def train_one(trainer: Trainer, config, source, clips: dict, subjects, labels, s
   class_weight = len(labels) / (2 * np.maximum(counts, 1))
   losses = []
   for step in range(int(config.steps)):
+    preemption.check(f"in fine-tuning at step {step} of {config.steps}",
+                     "fine-tuning keeps no partial state: re-run the same command to start "
+                     "it again")
     picks = rng.choice(len(subjects), int(config.batch_size))
     batch = read_clips(source, [clips[subjects[p]][rng.integers(len(clips[subjects[p]]))]
                            for p in picks])

@@ -7,7 +7,11 @@ r"""The one entry point: `config.task` picks the job.
 The tasks are listed in tasks.py. Bad input (an unknown task, a missing or
 misspelt key, a bad value, a bad file, a workdir another run holds) is printed
 as one line and the process exits with status 2; a run that has to stop (a
-non-finite loss, a full disk) exits with status 1. Log lines are short (time and
+non-finite loss, a full disk) exits with status 1. SIGTERM or Ctrl-C (SIGINT)
+stops a task that can keep its work (pretraining saves a sealed checkpoint of
+the step it reached, prepare writes its index and report) with one line
+`stopped: ...` saying how to resume, and status 128 + the signal (143, 130).
+Log lines are short (time and
 message, console.py); `--verbose` prints absl's full prefix and the libraries'
 INFO lines.
 """
@@ -37,6 +41,7 @@ _VERBOSE = flags.DEFINE_bool(
 
 def main(argv) -> None:
   console.configure(_VERBOSE.value)
+  console.route_thread_stderr()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:  # the config file is loaded here, on first use
@@ -56,6 +61,11 @@ def main(argv) -> None:
     _fail(str(e), 2)
   except errors.TrainingError as e:
     _fail(str(e), 1)
+  except errors.Stopped as e:
+    _fail(str(e), e.status, prefix="stopped")
+  except KeyboardInterrupt:  # Ctrl-C where the task keeps nothing to resume from
+    _fail(f"SIGINT (Ctrl-C): task {config.get('task')} interrupted; nothing was kept to "
+          "resume from, re-run the same command to start it again", 130, prefix="stopped")
   except OSError as e:
     if not errors.is_disk_full(e):
       raise
@@ -63,9 +73,10 @@ def main(argv) -> None:
           "and re-run the same command to resume", 1)
 
 
-def _fail(message: str, status: int) -> None:
+def _fail(message: str, status: int, prefix: str = "error") -> None:
   logging.flush()
-  print(f"error: {message}", file=sys.stderr)
+  # sys.__stderr__: the console even when a full disk diverted the libraries' output.
+  print(f"{prefix}: {message}", file=sys.__stderr__ or sys.stderr, flush=True)
   sys.exit(status)
 
 

@@ -25,7 +25,11 @@ kept, unfinished ones redone. Different settings in the same WORKDIR are
 refused unless `--config.overwrite=True`, which deletes the earlier prepare
 output (only the files listed above; a workdir holding another task's run is
 refused before anything is touched). A full disk stops the run (status 1)
-with the finished scans kept.
+with the finished scans kept. SIGTERM or Ctrl-C stops the workers at once
+(their scans in flight are dropped, and redone on resume), writes index.csv
+and the report for the scans finished (the others are `pending`), and raises
+`errors.Stopped` (status 143 / 130); re-running the same command resumes.
+Worker processes exit when this process is gone, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -50,10 +54,13 @@ from roi_mae_jax import metrics
 from roi_mae_jax import outputs
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import plots
+from roi_mae_jax import preemption
+from roi_mae_jax import process_guard
 from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
+from roi_mae_jax.data import registration
 from roi_mae_jax.data import resample
 from roi_mae_jax.data import shards
 
@@ -118,7 +125,7 @@ _WORKER: dict = {}
 
 def _init_worker(job: prepare_scan.ScanJob, workdir: str) -> None:
   _WORKER.update(job=job, workdir=workdir)
-  signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+  process_guard.worker_init()  # the parent handles Ctrl-C; no worker outlives it
 
 
 def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, object, float]:
@@ -138,25 +145,47 @@ def _attempt(entry: layouts.ScanEntry, job=None, workdir=None) -> tuple[str, obj
   return status, payload, metrics.peak_rss_mib()
 
 
-def _results(todo, job, workdir: str, workers: int):
-  """Yields (entry, status, payload, peak MiB of the process that ran it) as scans finish."""
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+  """Ends the pool's workers now (their scans in flight are redone on resume)."""
+  kill = getattr(pool, "terminate_workers", None)  # Python 3.14+
+  if callable(kill):
+    kill()
+    return
+  for process in list((getattr(pool, "_processes", None) or {}).values()):
+    process.terminate()
+
+
+def _results(todo, job, workdir: str, workers: int, stop: preemption.StopOnSignal):
+  """Yields (entry, status, payload, peak MiB of the process that ran it) as scans finish,
+  until `stop` is requested (a scan in this process finishes first; workers are ended)."""
   if workers <= 1:
     for entry in todo:
+      if stop.requested:
+        return
       yield (entry,) + _attempt(entry, job, workdir)
     return
   context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                              initializer=_init_worker,
-                                              initargs=(job, workdir)) as pool:
-    futures = {pool.submit(_attempt, entry): entry for entry in todo}
-    try:
-      for future in concurrent.futures.as_completed(futures):
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_init_worker,
+                                                initargs=(job, workdir))
+  futures = {pool.submit(_attempt, entry): entry for entry in todo}
+  pending = set(futures)
+  try:
+    while pending and not stop.requested:
+      # A short wait, not as_completed: a signal is seen within this time.
+      done, pending = concurrent.futures.wait(
+          pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
         yield (futures[future],) + future.result()
-    except concurrent.futures.process.BrokenProcessPool as e:
-      raise errors.TrainingError(
-          f"a prepare worker died (killed by the system, often for lack of memory) while "
-          f"preparing into {workdir}; finished scans are kept: re-run the same command to "
-          "resume, with fewer --config.workers") from e
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise errors.TrainingError(
+        f"a prepare worker died (killed by the system, often for lack of memory) while "
+        f"preparing into {workdir}; finished scans are kept: re-run the same command to "
+        "resume, with fewer --config.workers") from e
+  finally:  # stopped, failed or done: no worker is left running
+    if pending:
+      _terminate(pool)
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _disk_checked(results, workdir: str):
@@ -182,9 +211,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   # --- Target grid, atlas, brain --------------------------------------------
   on_grid = atlas_lib.atlas_from_config(config, multiple_of=int(config.patches.size))
   patch_map = patches_lib.patch_map_from_config(config)
-  job = prepare_scan.ScanJob.create(on_grid, nifti.ScanRules.from_config(config),
-                                    config.normalise,
-                                    denoise.DenoiseRules.from_config(config.denoise))
+  job = prepare_scan.ScanJob.create(
+      on_grid, nifti.ScanRules.from_config(config), config.normalise,
+      denoise.DenoiseRules.from_config(config.denoise),
+      registration.RegistrationRules.from_config(config.get("registration")))
   _check_earlier_dataset(workdir, job.info)
   outputs.write_json(os.path.join(workdir, shards.DATASET_FILE),
                      dict(job.info.to_json(), atlas=on_grid.source))
@@ -215,27 +245,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   used = {e.scan: dict(finished[e.scan], subject=e.subject, site=e.site, label=e.label)
           for e in entries if e.scan in finished}
   start, counts, worker_peak = time.time(), {"used": 0, "skipped": 0}, 0.0
-  for done, (entry, status, payload, peak) in enumerate(
-      _disk_checked(_results(todo, job, workdir, int(config.workers)), workdir), start=1):
-    counts[status] += 1
-    worker_peak = max(worker_peak, peak)
-    if status == "used":
-      used[entry.scan] = payload
-      report[entry.scan] = dict(_report_row(entry), status="used",
-                                reason="; ".join(filter(None, [redone.get(entry.scan),
-                                                               entry.note])),
-                                denoise=payload["denoise"])
-    else:
-      report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
-      logging.warning("skipped %s: %s", entry.path, payload)
-    rate = done / max(time.time() - start, 1e-9) * 60
-    logging.info("prepare %s %d/%d scans (%.0f%%) | %.1f scans/min | eta %s | %d used, "
-                 "%d skipped", metrics.progress_bar(done, len(todo)), done, len(todo),
-                 100 * done / len(todo), rate, metrics.duration((len(todo) - done) / rate * 60),
-                 counts["used"], counts["skipped"])
-    if done == config.get("fault_kill_after_scans", 0):
-      os.kill(os.getpid(), signal.SIGKILL)  # fault injection for resume tests
+  with preemption.StopOnSignal() as stop:
+    results = _results(todo, job, workdir, int(config.workers), stop)
+    for done, (entry, status, payload, peak) in enumerate(_disk_checked(results, workdir),
+                                                          start=1):
+      counts[status] += 1
+      worker_peak = max(worker_peak, peak)
+      if status == "used":
+        used[entry.scan] = payload
+        report[entry.scan] = dict(_report_row(entry), status="used",
+                                  reason="; ".join(filter(None, [redone.get(entry.scan),
+                                                                 entry.note,
+                                                                 payload.get("warning")])),
+                                  denoise=payload["denoise"])
+        if payload.get("warning"):
+          logging.warning("used %s with a warning: %s", entry.path, payload["warning"])
+      else:
+        report[entry.scan] = dict(_report_row(entry), status="skipped", reason=payload)
+        logging.warning("skipped %s: %s", entry.path, payload)
+      rate = done / max(time.time() - start, 1e-9) * 60
+      logging.info("prepare %s %d/%d scans (%.0f%%) | %.1f scans/min | eta %s | %d used, "
+                   "%d skipped", metrics.progress_bar(done, len(todo)), done, len(todo),
+                   100 * done / len(todo), rate,
+                   metrics.duration((len(todo) - done) / rate * 60),
+                   counts["used"], counts["skipped"])
+      if done == config.get("fault_kill_after_scans", 0):
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for resume tests
   seconds = time.time() - start
+  left = [e for e in todo if e.scan not in report]
+  for entry in left:  # stopped by a signal before these were prepared
+    report[entry.scan] = dict(_report_row(entry), status="pending",
+                              reason=f"not prepared yet: stopped by {stop.name}; re-run the "
+                                     "same command to prepare it")
 
   # --- Index, report, summary -------------------------------------------------
   rows = [used[k] for k in sorted(used)]
@@ -244,28 +285,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
        "status": s.status, "reason": s.reason} for s in skipped]
   shards.write_table(os.path.join(workdir, REPORT_FILE), REPORT_COLUMNS, report_rows)
   shards.write_table(os.path.join(workdir, shards.INDEX_FILE), shards.INDEX_COLUMNS, rows)
-  labels = [int(r["label"]) for r in rows]
-  ignored = sum(r["status"] == "ignored" for r in report_rows)
-  summary = {"scans_used": len(rows), "scans_skipped": len(report_rows) - len(rows) - ignored,
-             "files_ignored": ignored,
-             "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
-             "scans_per_minute": round(len(todo) / seconds * 60, 2) if todo and seconds else None,
-             "peak_rss_mib": {"main": round(metrics.peak_rss_mib(), 1),
-                              "largest_worker": round(worker_peak, 1)},
-             "labels": {"adhd": labels.count(1), "control": labels.count(0),
-                        "unlabelled": labels.count(-1)},
-             "frames": int(sum(int(r["frames"]) for r in rows)),
-             "denoise": {"with_confounds": sum(bool(r.get("confounds")) for r in rows),
-                         "detrended_or_filtered": sum(
-                             str(r.get("detrend")) == "True" or bool(r.get("high_pass_hz")) or
-                             bool(r.get("low_pass_hz")) for r in rows),
-                         "untouched": sum(str(r.get("denoise", "")).startswith("none")
-                                          for r in rows)}}
+  summary = _summary(rows, report_rows, counts, seconds, len(todo), worker_peak)
   outputs.write_json(os.path.join(workdir, "prepare_summary.json"), summary)
+  labels = summary["labels"]
   logging.info("%d scans prepared (%d ADHD, %d control, %d unlabelled), %d skipped, %d other "
-               "files ignored; report: %s", len(rows), labels.count(1), labels.count(0),
-               labels.count(-1), summary["scans_skipped"], ignored,
+               "files ignored; report: %s", len(rows), labels["adhd"], labels["control"],
+               labels["unlabelled"], summary["scans_skipped"], summary["files_ignored"],
                os.path.join(workdir, REPORT_FILE))
+  if stop.requested:
+    raise stop.stopped(
+        f"prepare stopped with {len(rows)} scans prepared and {len(left)} not yet; "
+        f"{shards.INDEX_FILE} and {REPORT_FILE} in {workdir} list the finished ones: re-run "
+        "the same command to prepare the rest")
   if not rows:
     raise errors.InputError(f"no usable scan among {len(report_rows)} found; the reasons are "
                             f"in {os.path.join(workdir, REPORT_FILE)}")
@@ -274,6 +305,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                    config.get("figure_point_mm", (30.0, -20.0, 8.0)),
                                    title=f"{first.rows[0]['scan']}, frame 0")
   plots.save(fig, os.path.join(workdir, EXAMPLE_FIGURE))
+
+
+def _summary(rows: list[dict], report_rows: list[dict], counts: dict, seconds: float,
+             todo: int, worker_peak: float) -> dict:
+  """prepare_summary.json: counts, labels, speed, memory, denoising."""
+  labels = [int(r["label"]) for r in rows]
+  ignored = sum(r["status"] == "ignored" for r in report_rows)
+  pending = sum(r["status"] == "pending" for r in report_rows)
+  return {"scans_used": len(rows),
+          "scans_skipped": len(report_rows) - len(rows) - ignored - pending,
+          "scans_pending": pending, "files_ignored": ignored,
+          "prepared_this_run": counts["used"], "seconds_this_run": round(seconds, 2),
+          "scans_per_minute": round(todo / seconds * 60, 2) if todo and seconds else None,
+          "peak_rss_mib": {"main": round(metrics.peak_rss_mib(), 1),
+                           "largest_worker": round(worker_peak, 1)},
+          "labels": {"adhd": labels.count(1), "control": labels.count(0),
+                     "unlabelled": labels.count(-1)},
+          "frames": int(sum(int(r["frames"]) for r in rows)),
+          "registration_warnings": sum(bool(r.get("warning")) for r in rows),
+          "denoise": {"with_confounds": sum(bool(r.get("confounds")) for r in rows),
+                      "detrended_or_filtered": sum(
+                          str(r.get("detrend")) == "True" or bool(r.get("high_pass_hz")) or
+                          bool(r.get("low_pass_hz")) for r in rows),
+                      "untouched": sum(str(r.get("denoise", "")).startswith("none")
+                                       for r in rows)}}
 
 
 def _check_earlier_dataset(workdir: str, info: shards.DatasetInfo) -> None:

@@ -54,6 +54,8 @@ def default(strategy: str = "roi") -> ml_collections.ConfigDict:
   config.checkpoint_every = 100
   config.keep_checkpoints = 3
   config.fault_kill_after_step = 0     # >0: SIGKILL itself after that step (resume tests)
+  config.resume_onto_changed_data = False  # True: resume although data.shards was prepared
+                                           # again since (recorded in data_fingerprint.json)
   config.figure_point_mm = (30.0, -20.0, 8.0)
   return config
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -87,12 +86,36 @@ def random_init(pre: Pretrained) -> Pretrained:
   return dataclasses.replace(pre, params=build.initial_params(pre.config, pre.spec), step=0)
 
 
+# What a pretraining config.json holds that the encoder is built from.
+_PRETRAIN_KEYS = ("seed", "grid", "patches", "model", "mask", "frames")
+_NAME_IT = ("--config.checkpoint must name a pretraining workdir (the --workdir given to "
+            "task pretrain)")
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of a pretraining workdir; `InputError` naming what `workdir` is instead."""
+  if not os.path.exists(workdir):
+    raise errors.InputError(f"{workdir} does not exist: {_NAME_IT}")
+  if not os.path.isdir(workdir):
+    raise errors.InputError(f"{workdir} is a file: {_NAME_IT}")
   path = os.path.join(workdir, outputs.CONFIG_FILE)
   if not os.path.exists(path):
-    raise errors.InputError(f"{path} is missing: checkpoint must name a pretraining workdir")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    parent = os.path.dirname(os.path.normpath(workdir))
+    for up in (parent, os.path.dirname(parent)):  # a checkpoints/ or checkpoints/STEP folder
+      if os.path.exists(os.path.join(up, outputs.CONFIG_FILE)) and \
+          os.path.isdir(os.path.join(up, "checkpoints")):
+        raise errors.InputError(f"{workdir} is inside the pretraining workdir {up}: pass "
+                                f"--config.checkpoint={up} (and --config.checkpoint_step=N "
+                                "for another step than the newest)")
+    raise errors.InputError(f"{path} is missing: {workdir} is not a pretraining workdir; "
+                            f"{_NAME_IT}")
+  config = outputs.read_json(path)
+  task = config.get("task") if isinstance(config, dict) else None
+  if task != "pretrain" or any(k not in config for k in _PRETRAIN_KEYS):
+    what = f"a '{task}' run" if task else "not a pretraining run"
+    raise errors.InputError(f"{workdir} holds {what} ({path}), not a pretraining run: "
+                            f"{_NAME_IT}")
+  return ml_collections.ConfigDict(config)
 
 
 def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:

@@ -4,9 +4,14 @@ r"""Task `pretrain`: the region-aware masked autoencoder on a device mesh.
 
 Re-running with the same workdir resumes from the newest intact checkpoint
 (same data order, same masks, same numbers); a damaged newer one is reported
-and moved to checkpoints.rejected/. A resume must keep total_steps (the
+and moved to checkpoints.rejected/. A resume onto a prepared dataset that
+changed since (data_fingerprint.json) is refused unless
+resume_onto_changed_data=True. A resume must keep total_steps (the
 learning-rate schedule depends on it): another value is refused. A full disk
-stops the run with a message naming the checkpoint kept. Writes to WORKDIR: config.json,
+stops the run with a message naming the checkpoint kept. SIGTERM or SIGINT
+(Ctrl-C) stops it after the step in flight: that step is saved and sealed,
+every process agreeing on it, and the run raises `errors.Stopped` (the CLI
+prints where to resume and exits 143 / 130). Writes to WORKDIR: config.json,
 checkpoints/, metrics.jsonl, tensorboard/, loss_curve.png, reconstruction.png
 and pretrain_summary.json.
 """
@@ -25,6 +30,8 @@ from absl import logging
 from flax import nnx
 
 from roi_mae_jax import checkpoint as checkpoint_lib
+from roi_mae_jax import console
+from roi_mae_jax import dataset_identity
 from roi_mae_jax import distributed
 from roi_mae_jax import errors
 from roi_mae_jax import masking
@@ -32,6 +39,7 @@ from roi_mae_jax import metrics as metrics_lib
 from roi_mae_jax import model as model_lib
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
+from roi_mae_jax import preemption
 from roi_mae_jax import sharding as sharding_lib
 from roi_mae_jax import train_step
 from roi_mae_jax.data import pipeline
@@ -42,7 +50,8 @@ REQUIRED_KEYS = ("seed", "total_steps", "batch_size", "frames", "grid.voxel_size
                  "optim.learning_rate", "log_every", "checkpoint_every")
 # Settings a resumed run may change without being a different run.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints",
-                     "fault_kill_after_step", "overwrite", "distributed")
+                     "fault_kill_after_step", "overwrite", "distributed",
+                     "resume_onto_changed_data")
 
 
 def _check_finite(state, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
@@ -99,9 +108,29 @@ def _resume_or_init(ckpt: checkpoint_lib.Checkpointer, setup: train_step.TrainSe
   return state
 
 
+def _stop(config, state, done: int, iterator, ckpt: checkpoint_lib.Checkpointer,
+          stop: preemption.StopOnSignal) -> errors.Stopped:
+  """Saves step `done` (unless just saved), waits until it is sealed; the exception to raise."""
+  _check_finite(state, done, ckpt)
+  if not ckpt.has_step(done):  # a save of this step may be in flight already
+    ckpt.save(done, state, data_iterator=iterator)
+  ckpt.wait()
+  if jax.process_count() > 1:  # process 0 seals after the commit: nobody exits before that
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"checkpoint {done} sealed")
+  return stop.stopped(
+      f"stopped at step {done} of {config.total_steps}; checkpoint step {done} is saved and "
+      f"sealed in {ckpt.directory}: re-run the same command to resume from it")
+
+
 def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.TokenSpec, mesh,
-          state, iterator, ckpt: checkpoint_lib.Checkpointer):
-  """Steps from the state's step to total_steps: log, check, checkpoint; returns the state."""
+          state, iterator, ckpt: checkpoint_lib.Checkpointer,
+          stop: preemption.StopOnSignal | None = None):
+  """Steps from the state's step to total_steps: log, check, checkpoint; returns the state.
+
+  Raises `errors.Stopped` after saving the step reached when `stop` agrees a
+  signal arrived."""
+  stop = stop or preemption.StopOnSignal(signals=())
   start_step = int(jax.device_get(state["step"]))
   log = metrics_lib.MetricsLog(workdir, config.total_steps, resumed_from=start_step)
   try:
@@ -135,6 +164,8 @@ def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.To
       if done == config.get("fault_kill_after_step", 0):
         ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
         os.kill(os.getpid(), signal.SIGKILL)
+      if stop.agreed():  # every process, every step: they stop after the same one
+        raise _stop(config, state, done, iterator, ckpt, stop)
   finally:
     log.close()  # its TensorBoard writer thread would keep the process alive
   return state
@@ -176,16 +207,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.keep_checkpoints)
   try:
-    state = _resume_or_init(ckpt, setup, iterator)
-    state = _loop(config, workdir, setup, spec, mesh, state, iterator, ckpt)
+    dataset_identity.check_and_record(
+        workdir, config.data.shards, resuming=ckpt.latest_step() is not None,
+        allow_change=bool(config.get("resume_onto_changed_data", False)))
+  except errors.InputError:
     ckpt.close()
+    raise
+  try:
+    with preemption.StopOnSignal() as stop:
+      state = _resume_or_init(ckpt, setup, iterator)
+      state = _loop(config, workdir, setup, spec, mesh, state, iterator, ckpt, stop)
+      ckpt.close()
+  except errors.Stopped:
+    ckpt.close()
+    raise
   except Exception as e:  # pylint: disable=broad-except
     _close_after_error(ckpt)
     if errors.is_disk_full(e):
+      details = console.library_errors_path()
       raise errors.TrainingError(
           f"no space left on device ({_first_line(e)}); training stopped and "
-          f"{_kept(ckpt)}: free space and re-run the same command to resume") from e
+          f"{_kept(ckpt)}: free space and re-run the same command to resume" +
+          (f" (the libraries' tracebacks are in {details})" if details else "")) from e
     raise
+  finally:
+    pipeline.close(iterator)  # its worker processes, if any, end with the run
 
   # --- Figures --------------------------------------------------------------
   write_figures(config, workdir, setup, state, source, spec, sampler)

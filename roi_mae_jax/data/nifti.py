@@ -13,6 +13,8 @@ Rules (each failure is one reason; the header checks are all reported together):
     header's pixdim[4] in its time unit (a value over 100 in 'sec' or
     unknown units is read as milliseconds); otherwise `config.default_tr`;
     it must lie in 0.2-10 s;
+  - the sform or qform code gives the affine a space (both 0: skipped; only
+    scanner or Talairach codes: a warning, see data/registration.py);
   - the affine is finite and not singular (each named as such), and plausibly
     MNI: voxel sizes 0.5-10 mm, axes within
     `max_oblique_degrees` of the cardinal axes (images in MNI space are not
@@ -39,6 +41,7 @@ import nibabel as nib
 import numpy as np
 
 from roi_mae_jax import errors
+from roi_mae_jax.data import registration
 
 TR_RANGE_S = (0.2, 10.0)
 VOXEL_RANGE_MM = (0.5, 10.0)
@@ -114,6 +117,7 @@ class Scan:
   tr: float            # seconds
   tr_source: str       # where the TR came from
   frames: int          # in the file
+  form_note: str = ""  # a caution about the sform/qform codes ('' when they claim MNI)
 
   @property
   def affine(self) -> np.ndarray:
@@ -123,15 +127,58 @@ class Scan:
   def shape(self) -> tuple[int, int, int]:
     return tuple(int(s) for s in self.image.shape[:3])
 
+  @property
+  def zero_level(self) -> float:
+    """Decoded values below this magnitude are background (0).
+
+    Integers stored with scl_slope / scl_inter decode a background of 0 to
+    the level nearest 0, e.g. -1e-7: within half a quantisation step of 0,
+    so it is 0 to the precision of the file.
+    """
+    if not np.issubdtype(self.image.get_data_dtype(), np.integer):
+      return 0.0
+    slope = getattr(self.image.dataobj, "slope", 1.0)
+    slope = float(slope) if slope is not None and np.isfinite(slope) and slope else 1.0
+    return abs(slope) / 2
+
   def frame_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first frame, (X, Y, Z, n) float32) in order; only one chunk in memory."""
+    """(first frame, (X, Y, Z, n) float32) in order; only one chunk in memory.
+
+    Float64 files and scaled integers are read in float64 and, when their
+    magnitude is far from 1 (beyond float32's range: 1e300, 1e-300),
+    multiplied by one power of two for the whole scan, taken from the first
+    chunk: the normalisation is scale-free, so the shard is the same, and
+    float32 neither overflows nor flushes them to 0. A later chunk beyond
+    float32 after that scaling is non-finite (and so reported).
+    """
+    zero, scale = self.zero_level, None
+    # float64 only where float32 may not hold the values: float64 files, scaled integers.
+    wide = self.image.get_data_dtype().itemsize >= 8 or zero
     for start in range(0, self.frames, chunk):
       stop = min(start + chunk, self.frames)
       try:
-        data = np.asarray(self.image.dataobj[..., start:stop], dtype=np.float32)
+        data = np.asarray(self.image.dataobj[..., start:stop],
+                          dtype=np.float64 if wide else np.float32)
       except (EOFError, OSError, ValueError, zlib.error) as e:
         raise _read_error(self.path, e) from e
-      yield start, data
+      if zero:
+        data[np.abs(data) < zero] = 0.0
+      if scale is None:
+        scale = _power_of_two_scale(data)
+      if scale != 1.0:
+        data *= scale
+      with np.errstate(over="ignore"):  # beyond float32 becomes inf: reported as non-finite
+        yield start, data.astype(np.float32)
+
+
+def _power_of_two_scale(data: np.ndarray) -> float:
+  """1, or the power of two that brings the largest finite |value| near 1 when it lies
+  outside 1e-20..1e20 (float32 holds 1e-38..3e38)."""
+  finite = np.abs(data[np.isfinite(data)])
+  peak = float(finite.max()) if finite.size else 0.0
+  if peak == 0.0 or 1e-20 <= peak <= 1e20:
+    return 1.0
+  return float(2.0 ** -np.round(np.log2(peak)))
 
 
 def _affine_problems(affine: np.ndarray, shape, rules: ScanRules,
@@ -209,7 +256,8 @@ def open_scan(path: str, rules: ScanRules, brain_world_mm: np.ndarray,
   elif frames < rules.min_frames:
     reasons.append(f"too few frames: {frames}; windows need {rules.min_frames}")
 
-  reasons += _affine_problems(image.affine, shape, rules, brain_world_mm)
+  codes = registration.form_code_problem(image.header)
+  reasons += [codes] if codes else _affine_problems(image.affine, shape, rules, brain_world_mm)
   if reasons:
     raise ScanRejected("; ".join(reasons))
-  return Scan(path, image, scan_tr, tr_source, frames)
+  return Scan(path, image, scan_tr, tr_source, frames, registration.form_code_note(image.header))

@@ -30,6 +30,7 @@ import numpy as np
 
 from roi_mae_jax import errors
 from roi_mae_jax import grids
+from roi_mae_jax import process_guard
 from roi_mae_jax.data import shards
 from roi_mae_jax.data import synthetic
 
@@ -209,13 +210,23 @@ def iterator_from_config(config, source, local_batch: int):
 
 def make_iterator(dataset: grain.MapDataset, read_threads: int = 2, prefetch: int = 4,
                   prefetch_workers: int = 0):
-  """A checkpointable iterator; `prefetch_workers` > 0 reads in that many processes."""
+  """A checkpointable iterator; `prefetch_workers` > 0 reads in that many processes
+  (each exits when this process is gone; `close(iterator)` stops them at once)."""
   iter_ds = dataset.to_iter_dataset(read_options(read_threads, prefetch))
   if prefetch_workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (notebooks, tests)
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers))
+    process_guard.quiet_resource_tracker()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers),
+                                  worker_init_fn=process_guard.grain_worker_init)
   return iter(iter_ds)
+
+
+def close(iterator) -> None:
+  """Stops the iterator's worker processes, if it has any (Grain's `close`)."""
+  closer = getattr(iterator, "close", None)
+  if callable(closer):
+    closer()
 
 
 def read_options(num_threads: int = 2, prefetch: int = 4) -> grain.ReadOptions:

@@ -25,6 +25,7 @@ from roi_mae_jax import patches as patches_lib
 from roi_mae_jax.data import denoise
 from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
+from roi_mae_jax.data import registration
 from roi_mae_jax.data import resample
 from roi_mae_jax.data import shards
 
@@ -40,10 +41,14 @@ class ScanJob:
   brain_world_mm: np.ndarray   # (N, 3) world coordinates of the brain voxels
   brain_in_crop: tuple         # 3 x (N,) voxel indices inside the crop box
   denoising: denoise.DenoiseRules = denoise.DenoiseRules()
+  template: np.ndarray | None = None    # (X, Y, Z) template brain on the grid; None: no check
+  registration: registration.RegistrationRules = registration.RegistrationRules()
 
   @classmethod
   def create(cls, on_grid: atlas_lib.Atlas, rules: nifti.ScanRules, normalise: str,
-             denoise_rules: denoise.DenoiseRules = denoise.DenoiseRules()) -> "ScanJob":
+             denoise_rules: denoise.DenoiseRules = denoise.DenoiseRules(),
+             registration_rules: registration.RegistrationRules | None = None) -> "ScanJob":
+    """`registration_rules` None: the overlap with the template is not checked."""
     brain = patches_lib.brain_envelope(on_grid.labels, min(on_grid.grid.voxel_size_mm))
     voxels = np.argwhere(brain)
     start, stop = voxels.min(0), voxels.max(0) + 1
@@ -53,8 +58,10 @@ class ScanJob:
         crop_start=tuple(int(s) for s in start), crop_shape=tuple(int(s) for s in stop - start),
         tr=rules.target_tr, normalise=normalise,
         atlas_sha1=hashlib.sha1(np.ascontiguousarray(on_grid.labels, np.int32)).hexdigest())
+    template = None if registration_rules is None else \
+        registration.template_brain(grid.shape, grid.affine, brain)
     return cls(rules, info, grid.world_coords(voxels), tuple((voxels - start).T),
-               denoise_rules)
+               denoise_rules, template, registration_rules or registration.RegistrationRules())
 
   @property
   def num_brain_voxels(self) -> int:
@@ -66,15 +73,33 @@ def _frame_list(frames: list[int]) -> str:
   return shown + (f" and {len(frames) - 5} more" if len(frames) > 5 else "")
 
 
-def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarray, float]:
-  """(N, frames) values at the brain voxels, (N,) voxels with data, NaN share.
+def check_registration(scan: nifti.Scan, job: ScanJob,
+                       abs_sum: np.ndarray) -> registration.Fit | None:
+  """The scan's brain against the template (None when the job does not check);
+  raises `ScanRejected` with the figures when it is not in template space."""
+  if job.template is None:
+    return None
+  fit = registration.measure(abs_sum / scan.frames, scan.affine, job.template,
+                             job.info.grid.affine, job.registration)
+  problem, _ = registration.verdict(fit, job.registration)
+  if problem:
+    raise nifti.ScanRejected(problem)
+  return fit
 
-  Raises `ScanRejected` for too many non-finite voxels, an all-NaN frame,
-  constant values or a signal that does not change over time.
+
+def resampled_run(scan: nifti.Scan, job: ScanJob
+                  ) -> tuple[np.ndarray, np.ndarray, float, registration.Fit | None]:
+  """(N, frames) values at the brain voxels, (N,) voxels with data, NaN share, and how
+  the scan's brain fits the template.
+
+  Raises `ScanRejected` for too many non-finite voxels, an all-NaN frame, a
+  scan out of template space, constant values or a signal that does not
+  change over time.
   """
   sampler = resample.TrilinearSampler(scan.affine, scan.shape, job.brain_world_mm)
   values = np.empty((job.num_brain_voxels, scan.frames), np.float32)
   nonfinite = np.zeros(scan.shape, bool)
+  abs_sum = np.zeros(scan.shape, np.float64)  # the scan's own brain, for the registration check
   dead_frames = []
   for start, chunk in scan.frame_chunks(CHUNK_FRAMES):
     finite = np.isfinite(chunk)
@@ -83,6 +108,7 @@ def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarra
       per_frame = finite.reshape(-1, chunk.shape[-1]).any(axis=0)
       dead_frames += [start + t for t in np.flatnonzero(~per_frame)]
       chunk = np.where(finite, chunk, 0.0)
+    abs_sum += np.abs(chunk).sum(axis=-1, dtype=np.float64)
     values[:, start:start + chunk.shape[-1]] = sampler(chunk)
   if dead_frames:
     which = "frame" if len(dead_frames) == 1 else "frames"
@@ -94,6 +120,7 @@ def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarra
     raise nifti.ScanRejected(
         f"NaN/inf values in {100 * bad_share:.1f}% of the brain voxels (at most "
         f"{100 * job.rules.max_nonfinite_fraction:g}% are tolerated and zeroed)")
+  fit = check_registration(scan, job, abs_sum)
   inside = values[sampler.covered & ~bad]
   if inside.size and inside.min() == inside.max():
     raise nifti.ScanRejected(f"constant values: every brain voxel is {float(inside[0, 0]):g} "
@@ -109,7 +136,19 @@ def resampled_run(scan: nifti.Scan, job: ScanJob) -> tuple[np.ndarray, np.ndarra
     raise nifti.ScanRejected(
         f"the signal changes over time in only {100 * moving:.0f}% of the brain voxels with "
         f"data (needs {100 * job.rules.min_signal_fraction:.0f}%): the frames repeat one volume")
-  return values, with_data, bad_share
+  return values, with_data, bad_share, fit
+
+
+def _registration_columns(scan: nifti.Scan, fit: registration.Fit | None, job: ScanJob) -> dict:
+  """index.csv columns: form codes, overlap figures, and a warning when near a threshold."""
+  warnings = [scan.form_note] if scan.form_note else []
+  if fit is not None:
+    warnings.append(registration.verdict(fit, job.registration)[1])
+  return {"sform_code": int(scan.image.header["sform_code"]),
+          "qform_code": int(scan.image.header["qform_code"]),
+          "brain_inside_template": fit.inside if fit else "",
+          "brain_dice": fit.dice if fit else "",
+          "warning": "; ".join(w for w in warnings if w)}
 
 
 def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
@@ -118,7 +157,7 @@ def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
   plan = denoise.plan_for(entry.path, job.denoising)
   # Confounds first: a missing table fails the scan before the costly read.
   confounds = denoise.load_confounds(entry.path, plan, scan.frames)
-  values, with_data, bad_share = resampled_run(scan, job)
+  values, with_data, bad_share, fit = resampled_run(scan, job)
   if plan.active:
     values = denoise.clean(values, np.flatnonzero(with_data), scan.tr, plan, confounds)
     usable = nifti.frames_at_tr(values.shape[1], scan.tr, job.info.tr)
@@ -141,5 +180,6 @@ def prepare_scan(entry: layouts.ScanEntry, job: ScanJob, workdir: str) -> dict:
          "tr": job.info.tr, "source_frames": scan.frames, "source_tr": round(scan.tr, 6),
          "tr_source": scan.tr_source, "brain_with_data": round(float(with_data.mean()), 4),
          "nonfinite_voxels": round(bad_share, 6), "path": entry.path,
+         **_registration_columns(scan, fit, job),
          **denoise.describe(plan, scan.tr, confounds)}
   return shards.write_shard(workdir, entry.scan, frames(), row, dtype=job.info.dtype)

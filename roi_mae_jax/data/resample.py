@@ -80,18 +80,23 @@ def resample_time(values: np.ndarray, source_tr: float, target_tr: float) -> np.
   return out
 
 
-def _mean_std(values: np.ndarray, axis=None, block: int = 1 << 16):
-  """float64 mean and std of float32 values, without a float64 copy of them."""
+def _mean_std(values: np.ndarray, axis=None, block: int = 1 << 14):
+  """float64 mean and std of float32 values, one block of rows in float64 at a time.
+
+  Squares are taken in float64: float32 squares overflow to inf past ~1.8e19
+  (data scaled to 1e30 would then normalise to all zeros).
+  """
   if axis is None:
     total = sum(float(np.sum(values[i:i + block], dtype=np.float64))
                 for i in range(0, len(values), block))
     mean = total / values.size
-    squares = sum(float(np.sum(np.square(values[i:i + block] - np.float32(mean)),
-                               dtype=np.float64)) for i in range(0, len(values), block))
+    squares = sum(float(np.sum(np.square(values[i:i + block].astype(np.float64) - mean)))
+                  for i in range(0, len(values), block))
     return mean, np.sqrt(squares / values.size)
   mean = values.mean(axis=axis, keepdims=True, dtype=np.float64)
-  std = np.sqrt(np.square(values - mean.astype(np.float32)).mean(
-      axis=axis, keepdims=True, dtype=np.float64))
+  std = np.concatenate([
+      np.sqrt(np.square(values[i:i + block].astype(np.float64) - mean[i:i + block]).mean(
+          axis=axis, keepdims=True)) for i in range(0, len(values), block)] or [mean * 0])
   return mean, std
 
 
@@ -101,6 +106,8 @@ def normalise(run: np.ndarray, valid: np.ndarray, mode: str = "global") -> np.nd
   global: one mean and std over all valid points and frames (keeps the
     spatial contrast between regions).
   voxel: each point over time (removes it; constant points become 0).
+  Statistics are float64 and every threshold is relative, so data scaled by
+  any factor (1e-30 or 1e30) give the same output.
   """
   if mode not in NORMALISATIONS:
     raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {mode!r}")
@@ -108,13 +115,18 @@ def normalise(run: np.ndarray, valid: np.ndarray, mode: str = "global") -> np.nd
   values = run[valid]  # a float32 copy, normalised in place
   if mode == "global":
     mean, std = _mean_std(values)
-    values -= np.float32(mean)
-    values /= np.float32(max(std, 1e-6))
+    # In float64, then back: (x - mean) / std of float32 data is within float32 range.
+    for i in range(0, len(values), 1 << 14):
+      part = values[i:i + (1 << 14)]
+      part[...] = ((part.astype(np.float64) - mean) / (std if std > 0 else 1.0)).astype(np.float32)
   else:
     mean, std = _mean_std(values, axis=1)
-    values -= mean.astype(np.float32)
-    flat = std[:, 0] <= 1e-6
-    values /= np.where(flat[:, None], 1.0, std).astype(np.float32)
+    # Constant up to float32 rounding (~1e-7 of the value): no signal at that point.
+    flat = std[:, 0] <= 1e-6 * np.abs(mean[:, 0])
+    scale = np.where(flat[:, None], 1.0, std)
+    for i in range(0, len(values), 1 << 14):
+      rows = slice(i, i + (1 << 14))
+      values[rows] = ((values[rows] - mean[rows]) / scale[rows]).astype(np.float32)
     values[flat] = 0.0
   out[valid] = values
   return out

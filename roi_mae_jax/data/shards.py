@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -41,6 +42,7 @@ SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".array_record"
 INDEX_COLUMNS = ("scan", "subject", "site", "label", "frames", "tr", "shard", "source_frames",
                  "source_tr", "tr_source", "brain_with_data", "nonfinite_voxels",
+                 "sform_code", "qform_code", "brain_inside_template", "brain_dice", "warning",
                  "denoise", "confounds", "confound_count", "detrend", "high_pass_hz",
                  "low_pass_hz", "dropped_frames", "path")
 
@@ -162,6 +164,34 @@ def read_info(workdir: str) -> DatasetInfo:
                             "make one with task=prepare (configs/prepare.py)")
   with open(path, encoding="utf-8") as f:
     return DatasetInfo.from_json(json.load(f))
+
+
+def fingerprint(workdir: str) -> dict:
+  """What identifies a prepared dataset: SHA-256 of dataset.json, index.csv and each listed
+  shard's name and size (cheap: shards are not read), with counts for messages.
+
+      {"fingerprint": "3f2a...", "scans": 40, "frames": 7040, "path": "/abs/runs/prepared"}
+
+  Preparing other scans (or the same ones with other settings) into the folder
+  changes it; copying the folder elsewhere does not.
+  """
+  digest = hashlib.sha256()
+  index = os.path.join(workdir, INDEX_FILE)
+  scans = frames = 0
+  for name in (DATASET_FILE, INDEX_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read() + b"\0")
+  if os.path.exists(index):
+    with open(index, newline="", encoding="utf-8") as f:
+      for row in csv.DictReader(f):
+        shard = os.path.join(workdir, row.get("shard", ""))
+        size = os.path.getsize(shard) if os.path.exists(shard) else -1
+        digest.update(f"{row.get('shard')}:{size}\0".encode())
+        scans, frames = scans + 1, frames + int(row.get("frames") or 0)
+  return {"fingerprint": digest.hexdigest()[:16], "scans": scans, "frames": frames,
+          "path": os.path.abspath(workdir)}
 
 
 _REDO = ("delete that shard and its .json and re-run task prepare into {workdir} to redo "
