@@ -196,6 +196,9 @@ def describe(f: dict) -> str:
   gib = lambda b: f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.1f} MiB"
   step, at = f["step"], f["at_config_batch"]
   mesh = " ".join(f"{k}={v}" for k, v in f["mesh"].items())
+  used = int(np.prod(list(f["mesh"].values())))
+  if used < f["devices"]:
+    mesh += f" (uses {used} of the {f['devices']} devices: set --mesh)"
   xla_flops = f"{at['xla_flops']:.3g}" if at["xla_flops"] else "n/a (no count for this target)"
   lines = [
       f"target {f['target']}: {f['devices']} x {f['chip']} in {f['hosts']} host(s), "
@@ -231,7 +234,7 @@ def describe(f: dict) -> str:
                "of XLA's and the model's matmuls)")
   if "encoder" in f:
     e = f["encoder"]
-    lines.append(f"probe encoder forward, {e['global_batch']} windows: {gib(e['memory_bytes'])} "
+    lines.append(f"probe encoder forward, {e['global_batch']} window(s): {gib(e['memory_bytes'])} "
                  f"per device, compiled in {e['compile_s']:.0f} s")
   return "\n".join(lines)
 
