@@ -1,5 +1,7 @@
 """Read-outs beyond the encoder's output: chosen encoder layers, reconstruction residuals."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -165,3 +167,19 @@ def test_reconstruction_read_out_separates_decoupled_regions(tmp_path_factory):
   splits = splits_lib.from_config(config, feats.subjects, feats.labels, feats.sites)
   results = probing.evaluate({"recon": feats}, splits, reference="recon")
   assert results["features"]["recon"]["kfold"]["balanced_accuracy"]["mean"] >= 0.7, results
+
+
+@pytest.mark.slow
+def test_probe_scores_readouts_beside_their_untrained_twins(pretrained_dir, tmp_path):
+  config = load_config("probe", "test")
+  config.update(checkpoint=str(pretrained_dir), layers="1,2", readouts="encoder@0,recon_power",
+                baselines="init", schemes="kfold", pool="region_std")
+  tasks.run_task(config, str(tmp_path))
+  results = json.loads((tmp_path / "probe_results.json").read_text())
+  assert set(results["features"]) == {"encoder", "encoder@0", "recon_power", "init",
+                                      "init@0", "init_recon_power"}
+  widths, regions = results["meta"]["features"], results["meta"]["features"]["recon_power"]
+  assert widths["encoder"] == 2 * widths["encoder@0"] == widths["init"] == 2 * 2 * regions * 64
+  assert results["meta"]["layers"] == "1,2" and widths["init_recon_power"] == regions
+  for name in ("encoder@0", "recon_power", "init_recon_power"):   # paired with the encoder
+    assert results["differences"][name]["kfold"]["balanced_accuracy"]["n"] == 3
