@@ -1,6 +1,9 @@
 """Read-outs beyond the encoder's output: chosen encoder layers, reconstruction residuals."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config
+from conftest import REPO, load_config
 from roi_mae_jax import build
 from roi_mae_jax import errors
 from roi_mae_jax import features
@@ -183,3 +186,28 @@ def test_probe_scores_readouts_beside_their_untrained_twins(pretrained_dir, tmp_
   assert results["meta"]["layers"] == "1,2" and widths["init_recon_power"] == regions
   for name in ("encoder@0", "recon_power", "init_recon_power"):   # paired with the encoder
     assert results["differences"][name]["kfold"]["balanced_accuracy"]["n"] == 3
+
+
+_IN_ANOTHER_PROCESS = """
+import sys
+import ml_collections, numpy as np
+from roi_mae_jax import pretrained, recon_features
+from roi_mae_jax.data import sources
+pre = pretrained.load_pretrained(sys.argv[1])
+source = sources.downstream_source(pre.config, ml_collections.ConfigDict(
+    {"shards": "", "synthetic_subjects": 2, "synthetic_preset": "realistic"}))
+extractor = recon_features.ReconstructionFeatures(pre, batch_size=2, max_windows=2)
+np.save(sys.argv[2], extractor(source).features)
+"""
+
+
+@pytest.mark.slow
+def test_reconstruction_features_are_the_same_in_another_process(pretrained_dir, tmp_path):
+  pre = pretrained_lib.load_pretrained(str(pretrained_dir))
+  here = recon_features.ReconstructionFeatures(pre, batch_size=2, max_windows=2)(
+      _source(pre, subjects=2)).features
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+      REPO, os.environ.get("PYTHONPATH")])), JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", _IN_ANOTHER_PROCESS, str(pretrained_dir),
+                  str(tmp_path / "there.npy")], check=True, env=env, cwd=REPO)
+  np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), here)
