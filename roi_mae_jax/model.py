@@ -68,6 +68,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       "pos_embedding": "sincos",   # or "learned"
       "region_embedding": True,    # add a learned code of the token's AAL3 region
       "norm_target": False,        # MAE's per-patch normalised target
+      "centre_target": False,      # target minus each voxel's mean over the window: the
+                                   # loss then counts fluctuation only, not static anatomy
       "dtype": "float32",          # compute dtype; parameters stay float32
       "attention": "auto",         # attention.IMPLEMENTATIONS; auto: by backend and size
       "attention_block": 512,      # tokens per query / key tile of `chunked`
@@ -94,6 +96,9 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
   if int(config.get("mlp_chunk", 0)) < 0:
     raise errors.InputError(f"model.mlp_chunk must be 0 (off) or a token count, got "
                             f"{config.mlp_chunk}")
+  if not isinstance(config.get("centre_target", False), bool):
+    raise errors.InputError(f"model.centre_target must be True or False, got "
+                            f"{config.centre_target!r}")
   if not isinstance(config.get("scan", False), bool):
     raise errors.InputError(f"model.scan must be True or False, got {config.scan!r}")
 
@@ -455,6 +460,7 @@ class MaskedAutoencoder(nnx.Module):
     self.dtype = dtype
     self.placement = target
     self.norm_target = bool(config.norm_target)
+    self.centre_target = bool(config.get("centre_target", False))
     self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
@@ -518,6 +524,10 @@ class MaskedAutoencoder(nnx.Module):
     return self.head(x.astype(self.dtype)).astype(jnp.float32)
 
   def target(self, tokens):
+    if self.centre_target:  # each voxel's mean over all of the window's frames removed
+      s = self.spec
+      by_voxel = tokens.reshape(tokens.shape[0], s.num_time, s.num_patches, -1, s.patch_frames)
+      tokens = (by_voxel - by_voxel.mean(axis=(1, 4), keepdims=True)).reshape(tokens.shape)
     if not self.norm_target:
       return tokens
     mean = tokens.mean(-1, keepdims=True)
