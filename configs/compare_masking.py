@@ -11,7 +11,8 @@ The default runs at demo scale on the built-in synthetic data (the demo grid
 and tiny model, shorter pretraining) within 20 minutes on a 2-core CPU.
 `:adhd200` is the paper's setting for accelerators; `:test` takes seconds.
 Nested blocks are the task configs: `--config.pretrain.total_steps=600`,
-`--config.probe.pool=region`, `--config.attribute.ig_steps=16`.
+`--config.probe.pool=region`, `--config.attribute.ig_steps=16`;
+`--config.probe.readouts=encoder@1,recon` adds those read-outs' rows per strategy.
 """
 
 import os

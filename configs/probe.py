@@ -21,6 +21,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # a scan (roi_mae_jax/features.py): mean | region | region_std | region_corr,
   # or several joined by '+'.
   config.pool = "region_std+region_corr"  # best measured on the realistic preset (README)
+  config.layers = ""                # encoder blocks pooled ("1,2", "all"; "": the output)
+  # More read-outs of the checkpoint on the same splits (roi_mae_jax/readouts.py):
+  # encoder@K[+K...] (those blocks), recon | recon_power | recon_corr (reconstruction
+  # residuals by region); with `init` in baselines each gets an untrained twin.
+  config.readouts = ""
+  config.recon_rounds = 2           # recon: mask draws per region and window
   config.stride = 0                 # frames between window starts (0: the window length)
   config.baselines = "region_stats,fc,init"  # probed on the same splits ('' : none)
   config.schemes = "kfold,loso"

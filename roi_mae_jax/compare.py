@@ -22,7 +22,10 @@ Writes WORKDIR/compare_results.json, compare_table.md and compare.png:
 accuracy and AUC per strategy (mean, std over seeds x folds), paired
 differences against `baseline` (default random) with a 95% interval and
 p-value (corrected resampled t-test, see comparison_stats), and per strategy
-reconstruction by region and attribution by system.
+reconstruction by region and attribution by system. With `probe.readouts`
+(e.g. `recon,encoder@1`, see readouts.py) each strategy also gets a row per
+read-out ("roi recon"), paired with the same read-out of the baseline
+strategy and of the initial weights ("init_recon").
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from roi_mae_jax import plots
 from roi_mae_jax import preemption
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
+from roi_mae_jax import readouts
 from roi_mae_jax import region_attribution
 from roi_mae_jax import tasks
 from roi_mae_jax import train
@@ -94,6 +98,7 @@ def plan_runs(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
     raise errors.InputError(f"unknown strategies {', '.join(unknown)}; known: "
                             f"{', '.join(VARIANTS)}")
   rows = strategies + features.baseline_names(config.probe.get("baselines", ""))
+  readouts.readout_names(config.probe.get("readouts", ""))
   if config.baseline not in rows:
     raise errors.InputError(f"config.baseline={config.baseline!r} is not among the "
                             f"strategies or probe baselines {', '.join(rows)}")
@@ -275,28 +280,44 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
              "seeds": [int(s) for s in _names(config.seeds, "seeds")],
              "baseline": config.baseline, "folds": folds,
              "repeats": int(config.probe.get("repeats", 1)), "evaluations": {}}
+  extra = readouts.readout_names(config.probe.get("readouts", ""))
+  results["readouts"] = extra
   for evaluation in [e for e in evaluations(config) if e != "attribute"]:
-    # Rows: each strategy's encoder, then (probe only) the baselines of its first strategy.
-    rows = strategies + (baselines if evaluation == "probe" else [])
+    # Rows: each strategy's encoder (and, probe only, its other read-outs "roi recon"),
+    # then (probe only) the baselines of its first strategy and the read-outs' init twins.
+    per_strategy = {s: {s: "encoder"} for s in strategies}
+    twins = []
+    if evaluation == "probe":
+      for s in strategies:
+        per_strategy[s].update({f"{s} {r}": r for r in extra})
+      twins = [readouts.init_name(r) for r in extra] if "init" in baselines else []
+    rows = [row for s in strategies for row in per_strategy[s]] + (
+        baselines + twins if evaluation == "probe" else [])
     scores = {r: {m: {} for m in METRICS} for r in rows}
     for (strategy, seed), by_evaluation in done.items():
-      sets = {strategy: "encoder"} if evaluation == "probe" else {strategy: ""}
+      sets = dict(per_strategy[strategy]) if evaluation == "probe" else {strategy: ""}
       if evaluation == "probe" and strategy == strategies[0]:
-        sets.update({b: b for b in baselines})
+        sets.update({b: b for b in baselines + twins})
       for row, feature_set in sets.items():
         for metric, by_split in _split_scores(by_evaluation[evaluation], "kfold",
                                               feature_set).items():
           scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
-    references = [r for r in dict.fromkeys([config.baseline, "init"]) if r in rows]
     table = {}
-    for row in rows:
-      entry = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
-      for reference in references:
-        if row != reference and row in strategies:
-          key = "vs_baseline" if reference == config.baseline else f"vs_{reference}"
-          entry[key] = {m: comparison_stats.paired_difference(
-              scores[row][m], scores[reference][m], test_fraction=1 / folds) for m in METRICS}
-      table[row] = entry
+    for strategy in strategies:
+      for row, readout in per_strategy[strategy].items():
+        entry = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
+        # The same read-out of the baseline strategy, and of the initial weights.
+        pairs = {"vs_baseline": _same_readout(config.baseline, readout, strategies),
+                 "vs_init": _same_readout("init", readout, strategies)}
+        for key, reference in pairs.items():
+          if reference in scores and reference != row and (key == "vs_baseline" or
+                                                            config.baseline != "init"):
+            entry[key] = {m: comparison_stats.paired_difference(
+                scores[row][m], scores[reference][m], test_fraction=1 / folds)
+                          for m in METRICS}
+        table[row] = entry
+    for row in rows[len(table):]:
+      table[row] = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
     results["evaluations"][evaluation] = table
   if config.get("run_attribute"):
     for strategy in strategies:
@@ -306,6 +327,15 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
       results.setdefault("attribution_by_system", {})[strategy] = _attribution_summary(
           [r["groups"] for r in runs])
   return results
+
+
+def _same_readout(reference: str, readout: str, strategies: list[str]) -> str:
+  """The row of `reference` (a strategy or a probe baseline) read out as `readout`."""
+  if readout in ("encoder", ""):
+    return reference
+  if reference in strategies:
+    return f"{reference} {readout}"
+  return readouts.init_name(readout) if reference == "init" else reference
 
 
 def _cell(summary: dict) -> str:
@@ -332,14 +362,16 @@ def markdown(results: dict) -> str:
               (" balanced acc. - init (95% CI, p) | AUC - init (95% CI, p) |" if with_init
                else ""), "|---|---|---|---|---|" + ("---|---|" if with_init else "")]
     for name, row in table.items():
-      label = f"{name} (baseline)" if name in baselines else f"{name} encoder"
+      label = (f"{name} encoder" if name in results["strategies"] else
+               name if " " in name else f"{name} (baseline)")
       cells = [_cell(row[m]) for m in shown]
       for key in ("vs_baseline",) + (("vs_init",) if with_init else ()):
         reference = baseline if key == "vs_baseline" else "init"
         if key in row:
           cells += [_difference(row[key][m]) for m in shown]
         else:
-          cells += ["(reference)" if name == reference else "–"] * 2
+          cells += ["(reference)" if name == reference or name.startswith(
+              f"{reference} ") else "–"] * 2
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
   lines.append("Mean ± std over seeds x folds; baselines (classical features of the data, the "

@@ -68,6 +68,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_folds": _whole(2),
     "ig_steps": _whole(1),
     "ig_chunk": _whole(1),
+    "recon_rounds": _whole(1),
     "learning_rate": _POSITIVE,
     "grid.voxel_size_mm": _POSITIVE,
     "tr": _POSITIVE,

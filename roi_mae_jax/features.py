@@ -29,6 +29,7 @@ attribution and fine-tuning differentiate computes exactly these features.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -40,6 +41,7 @@ from absl import logging
 from roi_mae_jax import atlas as atlas_lib
 from roi_mae_jax import errors
 from roi_mae_jax import metrics
+from roi_mae_jax import model as model_lib
 from roi_mae_jax import pretrained as pretrained_lib
 
 POOLS = ("mean", "region", "region_std", "region_corr")
@@ -184,21 +186,32 @@ def _progress(what: str, done: int, total: int, started: float) -> None:
 
 
 class EncoderFeatures:
-  """An encoder (pretrained, or `pretrained.random_init`) + a pool over its time courses."""
+  """An encoder (pretrained, or `pretrained.random_init`) + a pool over its time courses.
+
+  `layers` (block outputs, 0 = the embedded tokens .. pre.depth = the output;
+  None = the output) pools each listed layer's courses alone and joins the rows:
+
+      EncoderFeatures(pre, "region_std+region_corr", layers=(1, 2))
+  """
 
   def __init__(self, pre: pretrained_lib.Pretrained, pool: str = "region_std",
-               stride: int = 0, batch_size: int = 8, max_windows: int = 0, name: str = ""):
+               stride: int = 0, batch_size: int = 8, max_windows: int = 0, name: str = "",
+               layers: tuple[int, ...] | None = None):
     check_pools(pool)
     self.pre, self.pool, self.stride = pre, pool, int(stride)
     self.batch_size, self.max_windows = int(batch_size), int(max_windows)
+    self.layers = None if layers is None else tuple(int(k) for k in layers)
+    if self.layers is not None:
+      model_lib.check_layers(self.layers, pre.depth)
     self.name = name or f"encoder ({pool})"
-    self._courses = jax.jit(pre.courses)
+    self._courses = jax.jit(functools.partial(pre.courses, layers=self.layers))
 
   def windows(self, source, scan: int) -> list[int]:
     return window_starts(source.num_frames(scan), source.frames, self.stride, self.max_windows)
 
   def scan_courses(self, source, scan: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (T, width), regions (T, R', width)) of one scan, in fixed-size batches."""
+    """(tokens (T, width), regions (T, R', width)) of one scan, in fixed-size batches
+    (with `layers`: (T, L, width), (T, L, R', width))."""
     starts = self.windows(source, scan)
     tokens, regions = [], []
     for first in range(0, len(starts), self.batch_size):
@@ -213,7 +226,7 @@ class EncoderFeatures:
     tokens, regions = np.concatenate(tokens), np.concatenate(regions)
     if self.stride and self.stride < source.frames:  # overlapping: one step per window
       return tokens.mean(1), regions.mean(1)
-    return tokens.reshape(-1, tokens.shape[-1]), regions.reshape((-1,) + regions.shape[2:])
+    return tokens.reshape((-1,) + tokens.shape[2:]), regions.reshape((-1,) + regions.shape[2:])
 
   def check(self, source) -> None:
     if source.frames != self.pre.config.frames:
@@ -227,7 +240,12 @@ class EncoderFeatures:
     """(features (F,), windows read) of a subject from its scans' time courses."""
     tokens = np.concatenate([p[0] for p in parts])
     regions = np.concatenate([p[1] for p in parts])
-    row = np.asarray(pool_courses(jnp.asarray(tokens), jnp.asarray(regions), self.pool))
+    if self.layers is None:
+      row = np.asarray(pool_courses(jnp.asarray(tokens), jnp.asarray(regions), self.pool))
+    else:  # each layer pooled alone: correlations do not mix layers
+      row = np.concatenate([np.asarray(pool_courses(jnp.asarray(tokens[:, k]),
+                                                    jnp.asarray(regions[:, k]), self.pool))
+                            for k in range(len(self.layers))])
     return row, sum(len(self.windows(source, i)) for i in scans)
 
   def __call__(self, source, labelled_only: bool = True) -> SubjectFeatures:

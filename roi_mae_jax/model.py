@@ -8,6 +8,7 @@ predicts the voxels of every token; the loss is the MSE over masked tokens.
     model = MaskedAutoencoder(spec, model_config("tiny"), rngs=nnx.Rngs(0))
     out = model(windows, sampler.sample_batch(key, windows.shape[0]))
     out["loss"], out["prediction"].shape  # (), (B, N, p^3 * pt)
+    model.encode_layers(tokens, ids, layers=(1, 2))   # (2, B, n, width): blocks' outputs
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', ...); the mesh
 axes they map to are set in `sharding`. `target` (platforms.Target) is what the
@@ -67,6 +68,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       "pos_embedding": "sincos",   # or "learned"
       "region_embedding": True,    # add a learned code of the token's AAL3 region
       "norm_target": False,        # MAE's per-patch normalised target
+      "centre_target": False,      # target minus each voxel's mean over the window: the
+                                   # loss then counts fluctuation only, not static anatomy
       "dtype": "float32",          # compute dtype; parameters stay float32
       "attention": "auto",         # attention.IMPLEMENTATIONS; auto: by backend and size
       "attention_block": 512,      # tokens per query / key tile of `chunked`
@@ -93,6 +96,9 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
   if int(config.get("mlp_chunk", 0)) < 0:
     raise errors.InputError(f"model.mlp_chunk must be 0 (off) or a token count, got "
                             f"{config.mlp_chunk}")
+  if not isinstance(config.get("centre_target", False), bool):
+    raise errors.InputError(f"model.centre_target must be True or False, got "
+                            f"{config.centre_target!r}")
   if not isinstance(config.get("scan", False), bool):
     raise errors.InputError(f"model.scan must be True or False, got {config.scan!r}")
 
@@ -291,6 +297,7 @@ class Stack(nnx.Module):
 
   def __init__(self, depth: int, width: int, heads: int, config: ml_collections.ConfigDict, *,
                rngs: nnx.Rngs, target: platforms.Target):
+    self.depth = depth
     self.scan = bool(config.get("scan", False))
     self.remat = config.get("remat", "none")
     self.cpu_paths = target.cpu_paths
@@ -304,6 +311,37 @@ class Stack(nnx.Module):
       self.blocks = nnx.List([Block(width, heads, config, rngs, target) for _ in range(depth)])
 
   def __call__(self, x, key_valid=None):
+    return self._apply(self.blocks, x, key_valid)
+
+  def outputs(self, x, key_valid=None, layers: tuple[int, ...] = ()) -> list:
+    """The residual stream after each block listed in `layers` (0: x itself, k: after
+    block k, `depth`: what `__call__` returns), in the order listed.
+
+        first, last = stack.outputs(x, None, layers=(1, stack.depth))
+
+    Runs the blocks only as far as the deepest listed one, segment by segment
+    through the same code as `__call__` (unrolled or scanned, CPU-only paths
+    or not), so the deepest output equals `__call__`'s exactly.
+    """
+    check_layers(layers, self.depth)
+    reached, done, h = {}, 0, x
+    for stop in sorted(set(layers)):
+      if stop > done:
+        h = self._apply(self._blocks(done, stop), h, key_valid)
+        done = stop
+      reached[stop] = h
+    return [reached[k] for k in layers]
+
+  def _blocks(self, start: int, stop: int):
+    """Blocks start..stop-1: the stack itself when that is all of them."""
+    if (start, stop) == (0, self.depth):
+      return self.blocks
+    if not self.scan:
+      return list(self.blocks)[start:stop]
+    graphdef, state = nnx.split(self.blocks)  # a stacked module over fewer layers
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+  def _apply(self, blocks, x, key_valid=None):
     dtype = x.dtype
 
     def run(block, h):  # h may be carried wider than the blocks compute (see below)
@@ -312,12 +350,12 @@ class Stack(nnx.Module):
       # Inside a scan, CSE across iterations cannot happen: no need to prevent it.
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     if not self.scan:
-      for block in self.blocks:
+      for block in blocks:
         x = run(block, x)
       return x
 
     if self.remat == "block" and self.cpu_paths:
-      graphdef, params = nnx.split(self.blocks)
+      graphdef, params = nnx.split(blocks)
       apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
       return _recomputed_layers(apply, params, x, key_valid)
 
@@ -325,11 +363,19 @@ class Stack(nnx.Module):
     def layers(block, h):
       return run(block, h)
     if not self.cpu_paths:
-      return layers(self.blocks, x)
+      return layers(blocks, x)
     # The carry (each layer's saved input) is float32 holding bfloat16 values
     # exactly: XLA's CPU backend stacks and slices bfloat16 through float32 and
     # hoisted a float32 copy of the whole stack beside the bfloat16 one.
-    return layers(self.blocks, x.astype(jnp.float32)).astype(dtype)
+    return layers(blocks, x.astype(jnp.float32)).astype(dtype)
+
+
+def check_layers(layers, depth: int) -> None:
+  """Raises InputError unless `layers` lists block outputs 0..depth."""
+  bad = [k for k in layers if not isinstance(k, (int, np.integer)) or not 0 <= k <= depth]
+  if bad or not len(layers):
+    raise errors.InputError(f"encoder layers must be 0..{depth} (0: the embedded tokens, "
+                            f"{depth}: the encoder's output), got {tuple(layers)!r}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -414,6 +460,7 @@ class MaskedAutoencoder(nnx.Module):
     self.dtype = dtype
     self.placement = target
     self.norm_target = bool(config.norm_target)
+    self.centre_target = bool(config.get("centre_target", False))
     self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
@@ -441,11 +488,24 @@ class MaskedAutoencoder(nnx.Module):
     `keep_valid` (B, n_keep) bool hides some kept slots from attention: a mask
     of any size with static shapes (reconstruction by region uses it).
     """
+    return self.encoder_norm(self.encoder(self._embedded(tokens, ids_keep), keep_valid))
+
+  def encode_layers(self, tokens, ids_keep, layers: tuple[int, ...], keep_valid=None):
+    """Visible tokens (B, N, D) -> (len(layers), B, n_keep, width): the encoder's
+    stream after each listed block (0: the embedded tokens; the encoder's depth:
+    exactly what `encode` returns), each through the encoder's final norm as
+    the last block's output is (intermediate features on one scale).
+
+        first_and_last = model.encode_layers(tokens, ids, layers=(1, 2))
+    """
+    outs = self.encoder.outputs(self._embedded(tokens, ids_keep), keep_valid, tuple(layers))
+    return jnp.stack([self.encoder_norm(o) for o in outs])
+
+  def _embedded(self, tokens, ids_keep):
     # Gather first, so only the visible tokens are embedded.
     codes = jnp.take(self.token_codes().astype(self.dtype), ids_keep, axis=0)
     x = self.embed(_take_tokens(tokens, ids_keep).astype(self.dtype)) + codes
-    x = _batch_sharded(x, self.placement)
-    return self.encoder_norm(self.encoder(x, keep_valid))
+    return _batch_sharded(x, self.placement)
 
   def decode(self, encoded, ids_restore, keep_valid=None):
     """Encoded visible tokens -> predictions for all N tokens (B, N, D).
@@ -464,6 +524,10 @@ class MaskedAutoencoder(nnx.Module):
     return self.head(x.astype(self.dtype)).astype(jnp.float32)
 
   def target(self, tokens):
+    if self.centre_target:  # each voxel's mean over all of the window's frames removed
+      s = self.spec
+      by_voxel = tokens.reshape(tokens.shape[0], s.num_time, s.num_patches, -1, s.patch_frames)
+      tokens = (by_voxel - by_voxel.mean(axis=(1, 4), keepdims=True)).reshape(tokens.shape)
     if not self.norm_target:
       return tokens
     mean = tokens.mean(-1, keepdims=True)

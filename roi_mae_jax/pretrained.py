@@ -2,6 +2,7 @@
 
     pre = load_pretrained("runs/demo")                # newest checkpoint; config.json beside it
     tokens, regions = pre.courses(pre.params, windows)  # (B, t, width), (B, t, R', width)
+    tokens, regions = pre.courses(pre.params, windows, layers=(1, 2))  # + a layer axis after t
     init = random_init(pre)                           # the same encoder before pretraining
     pre.config.frames, pre.spec.num_tokens, pre.patch_map.regions
 
@@ -54,13 +55,23 @@ class Pretrained:
   def model(self) -> model_lib.MaskedAutoencoder:
     return nnx.merge(self.graphdef, self.params)
 
-  def encode(self, params, windows: jax.Array) -> jax.Array:
-    """windows (B, X, Y, Z, T) -> (B, N, width) with every token visible."""
+  @property
+  def depth(self) -> int:
+    """Encoder blocks: `layers` may name 0 (the embedded tokens) .. depth (the output)."""
+    return model_lib.SIZES[self.config.model.size][1]
+
+  def encode(self, params, windows: jax.Array, layers: tuple[int, ...] | None = None
+             ) -> jax.Array:
+    """windows (B, X, Y, Z, T) -> (B, N, width) with every token visible; with `layers`,
+    (B, L, N, width) of those blocks' outputs (model.encode_layers)."""
     model = nnx.merge(self.graphdef, params)
     tokens = self.spec.patchify(windows.astype(jnp.float32))
     ids = jnp.broadcast_to(jnp.arange(self.spec.num_tokens), tokens.shape[:1] +
                            (self.spec.num_tokens,))
-    return model.encode(tokens, ids).astype(jnp.float32)
+    if layers is None:
+      return model.encode(tokens, ids).astype(jnp.float32)
+    return jnp.moveaxis(model.encode_layers(tokens, ids, tuple(layers)), 0, 1
+                        ).astype(jnp.float32)
 
   @functools.cached_property
   def patch_pooling(self) -> np.ndarray:
@@ -68,18 +79,25 @@ class Pretrained:
     per_patch = (self.spec.patch_region[:, None] == self.pooled_regions[None]).astype(np.float32)
     return per_patch / np.maximum(per_patch.sum(0, keepdims=True), 1.0)
 
-  def courses(self, params, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def courses(self, params, windows: jax.Array, layers: tuple[int, ...] | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """windows (B, X, Y, Z, T) -> time courses of the encoding at token resolution.
 
     Returns (tokens (B, t, width), regions (B, t, R', width)): the mean of all
     tokens and of each pooled region's tokens at each of the window's t =
-    T / patches.frames time steps.
+    T / patches.frames time steps. With `layers` (block outputs, see `encode`)
+    each gains a layer axis after t: (B, t, L, width), (B, t, L, R', width).
     """
-    encoded = self.encode(params, windows)
-    b, width = encoded.shape[0], encoded.shape[-1]
-    by_time = encoded.reshape(b, self.spec.num_time, self.spec.num_patches, width)
-    regions = jnp.einsum("btpw,pr->btrw", by_time, jnp.asarray(self.patch_pooling))
-    return by_time.mean(axis=2), regions
+    encoded = self.encode(params, windows, layers)
+    if layers is None:
+      encoded = encoded[:, None]
+    b, n_layers, width = encoded.shape[0], encoded.shape[1], encoded.shape[-1]
+    by_time = encoded.reshape(b, n_layers, self.spec.num_time, self.spec.num_patches, width)
+    regions = jnp.einsum("bltpw,pr->btlrw", by_time, jnp.asarray(self.patch_pooling))
+    tokens = jnp.moveaxis(by_time.mean(axis=3), 1, 2)
+    if layers is None:
+      return tokens[:, :, 0], regions[:, :, 0]
+    return tokens, regions
 
 def random_init(pre: Pretrained) -> Pretrained:
   """The same encoder before pretraining: the run's own initial parameters (step 0)."""

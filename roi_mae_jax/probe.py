@@ -5,10 +5,15 @@ r"""Task `probe`: a linear probe (ADHD vs control) on the frozen pretrained enco
     python -m roi_mae_jax.main --config=configs/probe.py --workdir=runs/probe_adhd200 \
         --config.checkpoint=runs/pretrain_adhd200 --config.data.shards=runs/adhd200_4mm \
         --config.pool=region
+    python -m roi_mae_jax.main --config=configs/probe.py --workdir=runs/probe_readouts \
+        --config.checkpoint=runs/demo --config.readouts=encoder@1,recon
 
 Consecutive windows of every labelled scan go through the encoder with no
 masking; the time course of its region embeddings is pooled per subject
-(`pool`, see features.py: amplitude and correlation over time, or means).
+(`pool`, see features.py: amplitude and correlation over time, or means),
+from the encoder blocks of `layers` (default: its output). `readouts` adds
+more read-outs of the checkpoint (other blocks, reconstruction residuals by
+region; see readouts.py), each with an untrained twin beside `init`.
 The classical baselines of `baselines` (region statistics and functional
 connectivity of the data, the same encoder randomly initialised) are probed
 on the same subjects and splits. Logistic regression (standardised, balanced,
@@ -27,11 +32,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from roi_mae_jax import features
 from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
+from roi_mae_jax import readouts
 from roi_mae_jax.data import shards
 from roi_mae_jax.data import sources
 
@@ -42,8 +47,7 @@ OUTPUT_NAMES = ("probe_results.json", "probe_table.md", "probe_roc.png",
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
-  features.check_pools(config.pool)  # bad names fail before any work
-  features.baseline_names(config.baselines)
+  readouts.check(config)  # bad names fail before any work
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   logging.info("encoder from %s (step %d, %s, %d tokens per window)", config.checkpoint,
                pre.step, pre.config.model.size, pre.spec.num_tokens)

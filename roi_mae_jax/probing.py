@@ -30,6 +30,7 @@ from roi_mae_jax import errors
 from roi_mae_jax import features as features_lib
 from roi_mae_jax import linear_probe
 from roi_mae_jax import pretrained as pretrained_lib
+from roi_mae_jax import readouts
 from roi_mae_jax import splits as splits_lib
 
 METRIC_NAMES = {"balanced_accuracy": "balanced acc.", "roc_auc": "ROC AUC",
@@ -84,15 +85,10 @@ def evaluate(sets: Mapping[str, features_lib.SubjectFeatures],
 
 def feature_sets(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
                  source) -> dict[str, features_lib.SubjectFeatures]:
-  """"encoder" (the checkpoint with `config.pool`) and every baseline of `config.baselines`,
-  from one pass over the data."""
-  options = {"stride": int(config.stride), "batch_size": int(config.batch_size),
-             "max_windows": int(config.max_windows)}
-  extractors = {"encoder": features_lib.EncoderFeatures(pre, config.pool, name="encoder",
-                                                        **options)}
-  extractors.update(features_lib.baseline_extractors(pre, config.baselines, config.pool,
-                                                     **options))
-  return features_lib.extract(extractors, source)
+  """"encoder" (the checkpoint with `config.pool` over `config.layers`), every read-out
+  of `config.readouts`, every baseline of `config.baselines` (with `init`, the read-outs'
+  twins on the initial parameters; see readouts.py), from one pass over the data."""
+  return features_lib.extract(readouts.probe_extractors(config, pre), source)
 
 
 def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
@@ -102,8 +98,7 @@ def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrai
   `results` is `evaluate`'s dict plus "meta" (what was probed, subject counts);
   it keeps "oof" (out-of-fold probabilities, arrays) for the caller to write.
   """
-  features_lib.check_pools(config.pool)
-  features_lib.baseline_names(config.baselines)
+  readouts.check(config, pre)
   sets = feature_sets(config, pre, source)
   feats = sets["encoder"]
   logging.info("%d subjects (%d ADHD, %d control), %d encoder features, %.1f windows per "
@@ -115,6 +110,7 @@ def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrai
   results["meta"] = {
       "checkpoint": os.path.abspath(config.checkpoint), "step": pre.step,
       "pool": config.pool, "stride": int(config.stride),
+      "layers": str(config.get("layers", "")), "readouts": str(config.get("readouts", "")),
       "features": {k: int(v.features.shape[1]) for k, v in sets.items()},
       "subjects": len(feats.subjects), "adhd": int((feats.labels == 1).sum()),
       "control": int((feats.labels == 0).sum()), "sites": sorted(set(feats.sites)),

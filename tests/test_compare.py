@@ -137,3 +137,26 @@ def test_summary_pairs_scores_by_seed_and_fold_for_probe_and_finetune():
       pytest.approx(-0.1))
   text = compare.markdown(results)
   assert "### finetune" in text and "+0.100 [+0.100, +0.100]" in text
+
+
+def test_summary_rows_per_readout_pair_with_the_same_readout():
+  config = load_config("compare_masking", "test")
+  config.seeds, config.run_attribute = "0", False
+  config.probe.baselines, config.probe.readouts = "init", "recon"
+  level = {"encoder": 0.6, "recon": 0.8, "init": 0.5, "init_recon": 0.55}
+  done = {}
+  for strategy, shift in (("roi", 0.1), ("random", 0.0)):
+    names = ("encoder", "recon") + (("init", "init_recon") if strategy == "roi" else ())
+    done[(strategy, 0)] = {"probe": {"splits": {n: {"kfold": [
+        {"split": f"seed0/fold{k}", "accuracy": v, "balanced_accuracy": v, "roc_auc": v}
+        for k, v in enumerate([level[n] + (0 if n.startswith("init") else shift)] * 3)]}
+        for n in names}}}
+  table = compare.summarise(config, done)["evaluations"]["probe"]
+  assert list(table) == ["roi", "roi recon", "random", "random recon", "init", "init_recon"]
+  assert table["roi recon"]["vs_baseline"]["accuracy"]["mean"] == pytest.approx(0.1)
+  assert table["roi recon"]["vs_init"]["accuracy"]["mean"] == pytest.approx(0.9 - 0.55)
+  assert table["roi"]["vs_init"]["accuracy"]["mean"] == pytest.approx(0.7 - 0.5)
+  assert "vs_baseline" not in table["random recon"] and "vs_init" not in table["init_recon"]
+  text = compare.markdown(compare.summarise(config, done))
+  assert "| roi recon |" in text and "| init_recon (baseline) |" in text
+  assert "| random recon | 0.800" in text and text.count("(reference)") >= 3

@@ -238,3 +238,13 @@ def test_bfloat16_matmul_values_and_gradients_follow_float32():
   for a, b in zip(got, want):
     assert a.dtype == jnp.float32  # cotangents reach float32 inputs in their dtype
     np.testing.assert_allclose(a, b, atol=0.15, rtol=0.03)
+
+
+def test_centred_target_is_each_voxels_fluctuation_over_the_window(setting):
+  _, _, spec, _ = setting
+  windows = _windows(spec) + 5.0
+  target = _model(spec, centre_target=True).target(spec.patchify(windows))
+  want = spec.patchify(windows - windows.mean(axis=-1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(target), np.asarray(want), atol=1e-5)
+  np.testing.assert_array_equal(_model(spec).target(spec.patchify(windows)),
+                                spec.patchify(windows))
