@@ -141,6 +141,19 @@ def window_clips(source, subjects, clip_windows: int,
   return out
 
 
+def window_batches(source, scan: int, starts: list[int], batch_size: int):
+  """Yields (windows (batch_size, X, Y, Z, T), n) of one scan's windows at `starts`:
+  the last batch padded with zeros to the same size (one compiled shape), of
+  which the first n are real."""
+  for first in range(0, len(starts), batch_size):
+    chunk = starts[first:first + batch_size]
+    windows = np.stack([source.window_at(scan, s) for s in chunk])
+    if len(chunk) < batch_size:
+      pad = np.zeros((batch_size - len(chunk),) + windows.shape[1:], windows.dtype)
+      windows = np.concatenate([windows, pad])
+    yield windows, len(chunk)
+
+
 def labelled_scans(source, labelled_only: bool = True) -> list[int]:
   scans = [i for i in range(len(source))
            if not labelled_only or source.info(i)["label"] in (0, 1)]
@@ -212,17 +225,11 @@ class EncoderFeatures:
   def scan_courses(self, source, scan: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (T, width), regions (T, R', width)) of one scan, in fixed-size batches
     (with `layers`: (T, L, width), (T, L, R', width))."""
-    starts = self.windows(source, scan)
     tokens, regions = [], []
-    for first in range(0, len(starts), self.batch_size):
-      chunk = starts[first:first + self.batch_size]
-      windows = np.stack([source.window_at(scan, s) for s in chunk])
-      if len(chunk) < self.batch_size:  # one compiled shape
-        pad = np.zeros((self.batch_size - len(chunk),) + windows.shape[1:], windows.dtype)
-        windows = np.concatenate([windows, pad])
+    for windows, n in window_batches(source, scan, self.windows(source, scan), self.batch_size):
       t, r = jax.device_get(self._courses(self.pre.params, jnp.asarray(windows)))
-      tokens.append(t[:len(chunk)])
-      regions.append(r[:len(chunk)])
+      tokens.append(t[:n])
+      regions.append(r[:n])
     tokens, regions = np.concatenate(tokens), np.concatenate(regions)
     if self.stride and self.stride < source.frames:  # overlapping: one step per window
       return tokens.mean(1), regions.mean(1)

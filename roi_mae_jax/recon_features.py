@@ -146,19 +146,14 @@ class ReconstructionFeatures:
 
   def scan_part(self, source, scan: int) -> tuple[np.ndarray, np.ndarray]:
     """(e (W, D, T, R'), x (W, T, R')) of one scan's windows, in fixed-size batches."""
-    starts = self.windows(source, scan)
     es, xs = [], []
     hidden = jnp.asarray(self.hidden_tokens)
-    for first in range(0, len(starts), self.batch_size):
-      chunk = starts[first:first + self.batch_size]
-      windows = np.stack([source.window_at(scan, s) for s in chunk])
-      if len(chunk) < self.batch_size:  # one compiled shape
-        pad = np.zeros((self.batch_size - len(chunk),) + windows.shape[1:], windows.dtype)
-        windows = np.concatenate([windows, pad])
+    for windows, n in features_lib.window_batches(source, scan, self.windows(source, scan),
+                                                  self.batch_size):
       e, x = jax.device_get(_residual_courses(self.pre.graphdef, self.pre.params,
                                               self._pooling, hidden, jnp.asarray(windows)))
-      es.append(e[:len(chunk)])
-      xs.append(x[:len(chunk)])
+      es.append(e[:n])
+      xs.append(x[:n])
     return np.concatenate(es), np.concatenate(xs)
 
   def subject_row(self, source, scans: list[int], parts: list) -> tuple[np.ndarray, int]:
