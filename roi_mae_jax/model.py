@@ -239,7 +239,6 @@ class Block(nnx.Module):
     self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype, target)
     self.dtype = dtype
     self.mlp_chunk = int(config.get("mlp_chunk", 0))
-    self.cpu_paths = target.cpu_paths
     self.placement = target
 
   def __call__(self, x, key_valid=None):
@@ -248,7 +247,7 @@ class Block(nnx.Module):
     return _batch_sharded(x + _over_token_chunks(self._mlp, x, self.mlp_chunk), self.placement)
 
   def _mlp(self, x):
-    if self.cpu_paths:
+    if self.placement.cpu_paths:
       # Layer norm and GELU recomputed in backward (fused_layers): the backward
       # pass keeps the residual stream and the MLP's pre-activation only.
       hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
