@@ -37,6 +37,7 @@ from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import sharding
 from roi_mae_jax import train_step
 from roi_mae_jax.bench import hlo_stats
+from roi_mae_jax.bench import memory as memory_lib
 from roi_mae_jax.bench import targets as targets_lib
 from roi_mae_jax.bench import train as bench_train
 
@@ -168,13 +169,11 @@ def measure(config, target: targets_lib.Target, mesh_sizes: tuple[int, int, int]
                             f"= {shards}: pick --mesh so that it is")
   one = compile_step(config, parts, mesh, shards, cpu_paths, hlo=batch == shards)
   two = compile_step(config, parts, mesh, 2 * shards, cpu_paths, hlo=batch == 2 * shards)
-  window = two["memory_bytes"] - one["memory_bytes"]
-  fixed = one["memory_bytes"] - window
-  usable = hbm_bytes * (1 - HEADROOM)
-  out["step"] = {"windows_1": one, "windows_2": two, "window_bytes": window,
-                 "fixed_bytes": fixed,
-                 "largest_windows_per_shard": int((usable - fixed) // window) if window > 0
-                 else None}
+  fit = memory_lib.affine_fit(one["memory_bytes"], two["memory_bytes"],
+                              {"hbm": hbm_bytes * (1 - HEADROOM)})
+  out["step"] = {"windows_1": one, "windows_2": two, "window_bytes": fit["window_bytes"],
+                 "fixed_bytes": fit["fixed_bytes"],
+                 "largest_windows_per_shard": fit["largest_batch"]["hbm"]}
   at_batch = {shards: one, 2 * shards: two}.get(batch) or compile_step(
       config, parts, mesh, batch, cpu_paths, hlo=True)
   out["at_config_batch"] = at_batch
@@ -193,7 +192,8 @@ def measure(config, target: targets_lib.Target, mesh_sizes: tuple[int, int, int]
 
 def describe(f: dict) -> str:
   """The figures of `measure` as a short report."""
-  gib = lambda b: f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30 else f"{b / 2**20:.1f} MiB"
+  gib = lambda b: ("n/a" if b is None else f"{b / 2**30:.2f} GiB" if abs(b) >= 2**30
+                   else f"{b / 2**20:.1f} MiB")
   step, at = f["step"], f["at_config_batch"]
   mesh = " ".join(f"{k}={v}" for k, v in f["mesh"].items())
   used = int(np.prod(list(f["mesh"].values())))

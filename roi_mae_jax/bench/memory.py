@@ -65,22 +65,27 @@ def per_window(config) -> dict:
   one, two = compiled_step(config, 1), compiled_step(config, 2)
   if one is None or two is None:
     return {"error": "the compiler ran out of memory"}
-  window = two["step_memory_bytes"] - one["step_memory_bytes"]
-  fixed = one["step_memory_bytes"] - window
   row = {"step_bytes_1": one["step_memory_bytes"], "step_bytes_2": two["step_memory_bytes"],
-         "window_bytes": window, "fixed_bytes": fixed, "compile_s": one["compile_s"]}
-  # Memory is affine in the batch (checked by the two points' use in tests) where
-  # the compiler schedules both batches alike. Where it does not (the second
-  # window costs more than the whole first step), only the measured points count.
-  if fixed < 0:
-    row["fixed_bytes"] = None
-    row["largest_batch"] = {name: 2 if two["step_memory_bytes"] <= limit else
-                            int(one["step_memory_bytes"] <= limit)
-                            for name, limit in LIMITS.items()}
-    return row
-  row["largest_batch"] = {name: max(int((limit - fixed) // max(window, 1)), 0)
-                          for name, limit in LIMITS.items()}
+         "compile_s": one["compile_s"]}
+  row.update(affine_fit(one["step_memory_bytes"], two["step_memory_bytes"], LIMITS))
   return row
+
+
+def affine_fit(one: int, two: int, limits: dict[str, float]) -> dict:
+  """Step memory at 1 and 2 windows -> window_bytes, fixed_bytes and the largest
+  batch under each limit {name: bytes}.
+
+  Memory is affine in the batch where the compiler schedules both batches
+  alike. Where it does not (the second window costs more than the whole first
+  step), no fixed part is given and only the two measured points count."""
+  window, fixed = two - one, 2 * one - two
+  if fixed < 0:
+    return {"window_bytes": window, "fixed_bytes": None,
+            "largest_batch": {name: 2 if two <= limit else int(one <= limit)
+                              for name, limit in limits.items()}}
+  return {"window_bytes": window, "fixed_bytes": fixed,
+          "largest_batch": {name: max(int((limit - fixed) // max(window, 1)), 0)
+                            for name, limit in limits.items()}}
 
 
 def _variant(config, **model):
