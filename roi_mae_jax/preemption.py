@@ -10,8 +10,9 @@ Preemptible machines (a TPU VM under maintenance, a SLURM job past its
 time, Kubernetes evicting a pod) send SIGTERM and wait a grace period before
 SIGKILL; a user presses Ctrl-C (SIGINT). The first signal only sets a flag,
 so the step in flight finishes and the caller saves that step. In a
-multi-process run every process calls `agreed()` once per step: a tiny
-all-gather of the flag (as MaxText and Orbax agree on a preemption step) makes
+multi-process run every process calls `agreed()` at the same steps (the
+pretraining loop: its log steps, since the collective waits for the step in
+flight): a tiny all-gather of the flag (as MaxText and Orbax agree on a preemption step) makes
 every process stop after the same step, even when only one got the signal.
 A second signal of the same kind acts as if no handler were installed (the
 process ends at once), so a stuck save can still be interrupted.

@@ -145,7 +145,8 @@ def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.To
       state, step_metrics = compiled(state, batch)
       pending.append(step_metrics)
       done = step + 1
-      if done % config.log_every == 0 or done == config.total_steps:
+      at_log = done % config.log_every == 0 or done == config.total_steps
+      if at_log:
         _check_finite(state, done, ckpt)
         values = jax.device_get(pending)
         elapsed = time.time() - last_time
@@ -164,7 +165,10 @@ def _loop(config, workdir: str, setup: train_step.TrainSetup, spec: model_lib.To
       if done == config.get("fault_kill_after_step", 0):
         ckpt.wait()  # fault injection for resume tests: die hard, no clean-up
         os.kill(os.getpid(), signal.SIGKILL)
-      if stop.agreed():  # every process, every step: they stop after the same one
+      # Several processes agree at log steps only (they then stop after the same
+      # one): the agreement is a collective that waits for the step in flight,
+      # which at every step would serialise the host with the devices.
+      if (at_log or jax.process_count() == 1) and stop.agreed():
         raise _stop(config, state, done, iterator, ckpt, stop)
   finally:
     log.close()  # its TensorBoard writer thread would keep the process alive
