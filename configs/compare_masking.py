@@ -38,6 +38,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.baseline = "random"           # differences are row - baseline (a strategy or a
                                        # probe baseline: region_stats, fc, init)
   config.data_seed = 0                 # the synthetic subjects, the same in every run
+  # The pretraining curve: probe each run at these steps ("0,150,300,600,1500"; 0 = the
+  # initial weights), all from one run per (strategy, seed) to the largest; "": its end.
+  config.budgets = ""
+  config.run_recovery = False          # with budgets: what each layer keeps of every region's
+                                       # network and own fluctuation (synthetic data only)
   config.run_finetune = False
   config.run_attribute = True          # attribution by system + reconstruction by region
   # Loss weights of the `roi_weighted` strategy (region_objectives), e.g. limbic

@@ -30,7 +30,9 @@ strategy and of the initial weights ("init_recon").
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import time
 
@@ -48,8 +50,10 @@ from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import preemption
 from roi_mae_jax import pretrained as pretrained_lib
+from roi_mae_jax import pretraining_curve
 from roi_mae_jax import probing
 from roi_mae_jax import readouts
+from roi_mae_jax import recovery
 from roi_mae_jax import region_attribution
 from roi_mae_jax import tasks
 from roi_mae_jax import train
@@ -57,7 +61,10 @@ from roi_mae_jax.data import sources
 
 REQUIRED_KEYS = ("strategies", "seeds", "baseline", "pretrain", "probe")
 OUTPUT_NAMES = ("compare_results.json", "compare_table.md", "compare.png")
-RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute")
+CURVE_NAMES = ("compare_curve.png",)          # with config.budgets
+RECOVERY_NAMES = ("compare_recovery.png",)    # with config.budgets and config.run_recovery
+RESUMABLE_CHANGES = ("strategies", "seeds", "baseline", "run_finetune", "run_attribute",
+                     "budgets", "run_recovery")
 RUN_RESULTS = "results.json"  # per run: evaluation -> its dict
 METRICS = {"balanced_accuracy": "balanced acc.", "roc_auc": "AUC", "accuracy": "accuracy"}
 
@@ -119,7 +126,30 @@ def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
     _set(run, key, value)
   if strategy == "roi_weighted":
     run.loss = ml_collections.ConfigDict(config.weighted_loss.to_dict())
+  budgets = curve_budgets(config)
+  if budgets:  # one run to the largest budget, a kept checkpoint at every budget
+    trained = [b for b in budgets if b > 0]
+    run.total_steps = max(trained)
+    run.checkpoint_every = functools.reduce(math.gcd, trained)
+    run.keep_checkpoints = run.total_steps // run.checkpoint_every
   return run
+
+
+def curve_budgets(config: ml_collections.ConfigDict) -> list[int]:
+  """config.budgets ('0,150,300') -> sorted steps; '' -> [] (no curve: the run's end).
+
+  0 is the initial weights (the `init` read-outs); at least one budget must train."""
+  text = str(config.get("budgets", "")).strip()
+  if not text:
+    return []
+  try:
+    budgets = sorted(int(b) for b in _names(text, "budgets"))
+  except ValueError:
+    budgets = [-1]
+  if min(budgets) < 0 or max(budgets) == 0:
+    raise errors.InputError(f"config.budgets must list pretraining steps >= 0 (0: the "
+                            f"initial weights), at least one > 0, got {text!r}")
+  return budgets
 
 
 def _downstream(block: ml_collections.ConfigDict, checkpoint: str,
@@ -141,8 +171,12 @@ def _pretrain_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
 
 def evaluations(config: ml_collections.ConfigDict) -> list[str]:
-  """The evaluations of every run, in order."""
-  return (["probe"] + (["finetune"] if config.get("run_finetune") else []) +
+  """The evaluations of every run, in order (with budgets: "probe@150", ...)."""
+  budgets = [b for b in curve_budgets(config) if b > 0]
+  probes = [f"probe@{b}" for b in budgets] or ["probe"]
+  recovery = ([f"recovery@{b}" for b in [0] + budgets]
+              if budgets and config.get("run_recovery") else [])
+  return (probes + recovery + (["finetune"] if config.get("run_finetune") else []) +
           (["attribute"] if config.get("run_attribute") else []))
 
 
@@ -155,15 +189,19 @@ def evaluate_run(config: ml_collections.ConfigDict, evaluation: str,
   finetune: finetuning.FineTuning's cross-validation; attribute: the groups,
   reconstruction rows and summary of region_attribution.explain.
   """
-  if evaluation == "probe":
+  if evaluation.startswith("probe"):
     # The classical baselines do not depend on the strategy (init is the seed's
-    # initial encoder, the same for every strategy): only the first one runs them.
-    block = _downstream(config.probe, checkpoint,
+    # initial encoder, the same for every strategy) nor on the budget: only the
+    # first strategy's first probe runs them.
+    block = _downstream(config.probe, checkpoint, checkpoint_step=pre.step,
                         **({} if with_baselines else {"baselines": ""}))
     results, _ = probing.probe_encoder(block, pre, sources.downstream_source(
         pre.config, block.data))
     results.pop("oof")
     return results
+  if evaluation.startswith("recovery"):
+    return recovery.recover(pre, sources.downstream_source(pre.config, config.probe.data),
+                            batch_size=int(config.probe.batch_size))
   if evaluation == "finetune":
     block = _downstream(config.finetune, checkpoint)
     return finetuning.FineTuning(block, pre, sources.downstream_source(
@@ -172,6 +210,14 @@ def evaluate_run(config: ml_collections.ConfigDict, evaluation: str,
   result = region_attribution.explain(block, pre,
                                       sources.downstream_source(pre.config, block.data))
   return {key: result[key] for key in ("groups", "reconstruction", "summary")}
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder_at(pretrain_dir: str, step: int | None) -> pretrained_lib.Pretrained:
+  """The run's encoder at `step` (None: its newest checkpoint; 0: its initial weights)."""
+  if step == 0:
+    return pretrained_lib.random_init(pretrained_lib.load_pretrained(pretrain_dir))
+  return pretrained_lib.load_pretrained(pretrain_dir, step)
 
 
 def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: str,
@@ -196,14 +242,16 @@ def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: 
   kept = outputs.read_json(path) if os.path.exists(path) else {}
   missing = [e for e in evaluations(config) if e not in kept]
   if missing:
-    pre = pretrained_lib.load_pretrained(pretrain_dir)
     first = _names(config.strategies, "strategies")[0]
+    first_probe = evaluations(config)[0]
     for evaluation in missing:
       preemption.check(f"before {label}: {evaluation}",
                        f"the finished pretraining and evaluations are kept under {base}: "
                        "re-run the same command to go on")
       logging.info("%s: %s", label, evaluation)
-      kept[evaluation] = evaluate_run(config, evaluation, pre, pretrain_dir, strategy == first)
+      pre = _encoder_at(pretrain_dir, pretraining_curve.budget_of(evaluation))
+      kept[evaluation] = evaluate_run(config, evaluation, pre, pretrain_dir,
+                                      strategy == first and evaluation == first_probe)
       outputs.write_json(path, kept)  # each evaluation is kept as soon as it is done
     kept = outputs.read_json(path)  # as a repeated command will see them
     did_work = True
@@ -270,55 +318,78 @@ def _attribution_summary(runs: list[list[dict]]) -> dict:
   return {"system_contrast": {s: c for c, s in ranked}, "top_systems": [s for _, s in ranked[:3]]}
 
 
-def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
-  """The comparison from every run's dicts ({(strategy, seed): {evaluation: dict}}):
-  per-strategy scores, paired differences, region summaries."""
+def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str) -> dict:
+  """row -> scores and paired differences of one evaluation over every run."""
   strategies = _names(config.strategies, "strategies")
   baselines = features.baseline_names(config.probe.get("baselines", ""))
   folds = int(config.probe.folds)
-  results = {"strategies": strategies, "baselines": baselines,
-             "seeds": [int(s) for s in _names(config.seeds, "seeds")],
-             "baseline": config.baseline, "folds": folds,
-             "repeats": int(config.probe.get("repeats", 1)), "evaluations": {}}
   extra = readouts.readout_names(config.probe.get("readouts", ""))
-  results["readouts"] = extra
-  for evaluation in [e for e in evaluations(config) if e != "attribute"]:
-    # Rows: each strategy's encoder (and, probe only, its other read-outs "roi recon"),
-    # then (probe only) the baselines of its first strategy and the read-outs' init twins.
-    per_strategy = {s: {s: "encoder"} for s in strategies}
-    twins = []
-    if evaluation == "probe":
-      for s in strategies:
-        per_strategy[s].update({f"{s} {r}": r for r in extra})
-      twins = [readouts.init_name(r) for r in extra] if "init" in baselines else []
-    rows = [row for s in strategies for row in per_strategy[s]] + (
-        baselines + twins if evaluation == "probe" else [])
-    scores = {r: {m: {} for m in METRICS} for r in rows}
-    for (strategy, seed), by_evaluation in done.items():
-      sets = dict(per_strategy[strategy]) if evaluation == "probe" else {strategy: ""}
-      if evaluation == "probe" and strategy == strategies[0]:
-        sets.update({b: b for b in baselines + twins})
-      for row, feature_set in sets.items():
-        for metric, by_split in _split_scores(by_evaluation[evaluation], "kfold",
-                                              feature_set).items():
-          scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
-    table = {}
-    for strategy in strategies:
-      for row, readout in per_strategy[strategy].items():
-        entry = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
-        # The same read-out of the baseline strategy, and of the initial weights.
-        pairs = {"vs_baseline": _same_readout(config.baseline, readout, strategies),
-                 "vs_init": _same_readout("init", readout, strategies)}
-        for key, reference in pairs.items():
-          if reference in scores and reference != row and (key == "vs_baseline" or
-                                                            config.baseline != "init"):
-            entry[key] = {m: comparison_stats.paired_difference(
-                scores[row][m], scores[reference][m], test_fraction=1 / folds)
-                          for m in METRICS}
-        table[row] = entry
-    for row in rows[len(table):]:
-      table[row] = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
-    results["evaluations"][evaluation] = table
+  # Rows: each strategy's encoder (and, probe only, its other read-outs "roi recon"),
+  # then (probe only) the baselines of its first strategy and the read-outs' init twins.
+  per_strategy = {s: {s: "encoder"} for s in strategies}
+  twins = []
+  if evaluation == "probe":
+    for s in strategies:
+      per_strategy[s].update({f"{s} {r}": r for r in extra})
+    twins = [readouts.init_name(r) for r in extra] if "init" in baselines else []
+  rows = [row for s in strategies for row in per_strategy[s]] + (
+      baselines + twins if evaluation == "probe" else [])
+  scores = {r: {m: {} for m in METRICS} for r in rows}
+  for (strategy, seed), by_evaluation in done.items():
+    sets = dict(per_strategy[strategy]) if evaluation == "probe" else {strategy: ""}
+    if evaluation == "probe" and strategy == strategies[0]:
+      sets.update({b: b for b in baselines + twins})
+    for row, feature_set in sets.items():
+      for metric, by_split in _split_scores(by_evaluation[evaluation], "kfold",
+                                            feature_set).items():
+        scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
+  table = {}
+  for strategy in strategies:
+    for row, readout in per_strategy[strategy].items():
+      entry = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
+      entry["interval"] = {m: comparison_stats.mean_interval(scores[row][m], 1 / folds)
+                           for m in METRICS}
+      # The same read-out of the baseline strategy, and of the initial weights.
+      pairs = {"vs_baseline": _same_readout(config.baseline, readout, strategies),
+               "vs_init": _same_readout("init", readout, strategies)}
+      for key, reference in pairs.items():
+        if reference in scores and reference != row and (key == "vs_baseline" or
+                                                          config.baseline != "init"):
+          entry[key] = {m: comparison_stats.paired_difference(
+              scores[row][m], scores[reference][m], test_fraction=1 / folds)
+                        for m in METRICS}
+      table[row] = entry
+  for row in rows[len(table):]:
+    table[row] = {m: comparison_stats.describe(scores[row][m]) for m in METRICS}
+    table[row]["interval"] = {m: comparison_stats.mean_interval(scores[row][m], 1 / folds)
+                              for m in METRICS}
+  return table
+
+
+def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
+  """The comparison from every run's dicts ({(strategy, seed): {evaluation: dict}}):
+  per-strategy scores, paired differences, region summaries, and with
+  `config.budgets` the pretraining curve (pretraining_curve.summarise)."""
+  strategies = _names(config.strategies, "strategies")
+  results = {"strategies": strategies,
+             "baselines": features.baseline_names(config.probe.get("baselines", "")),
+             "seeds": [int(s) for s in _names(config.seeds, "seeds")],
+             "baseline": config.baseline, "folds": int(config.probe.folds),
+             "repeats": int(config.probe.get("repeats", 1)), "evaluations": {},
+             "readouts": readouts.readout_names(config.probe.get("readouts", ""))}
+  budgets = [b for b in curve_budgets(config) if b > 0]
+  at = lambda budget: {key: {**runs, "probe": pretraining_curve.probe_at(
+      runs, budget, budgets[0], key[0] == strategies[0])} for key, runs in done.items()}
+  final = at(budgets[-1]) if budgets else done
+  for evaluation in [e for e in ("probe", "finetune") if e in evaluations(config)
+                     or (e == "probe" and budgets)]:
+    results["evaluations"][evaluation] = _table(config, final, evaluation)
+  if budgets:
+    results["curve"] = pretraining_curve.summarise(
+        {b: _table(config, at(b), "probe") for b in budgets}, strategies,
+        results["readouts"], results["baselines"])
+    if config.get("run_recovery"):
+      results["recovery"] = pretraining_curve.recovery_summary(done, [0] + budgets)
   if config.get("run_attribute"):
     for strategy in strategies:
       runs = [d["attribute"] for (s, _), d in sorted(done.items()) if s == strategy]
@@ -374,6 +445,10 @@ def markdown(results: dict) -> str:
               f"{reference} ") else "–"] * 2
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
+  if results.get("curve"):
+    lines += [pretraining_curve.markdown(results["curve"], baseline)]
+  if results.get("recovery"):
+    lines += [pretraining_curve.recovery_markdown(results["recovery"])]
   lines.append("Mean ± std over seeds x folds; baselines (classical features of the data, the "
                "randomly initialised encoder) are probed on the same subjects and splits. "
                "Differences are paired over (seed, fold); interval and p from the "
@@ -400,10 +475,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                        hint=" (or add strategies/seeds to this one)")
   done = run_all(config, workdir)
   results = summarise(config, done)
-  paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, overwrite=True)))
+  names = OUTPUT_NAMES + (CURVE_NAMES if "curve" in results else ()) + (
+      RECOVERY_NAMES if "recovery" in results else ())
+  paths = dict(zip(names, outputs.claim(workdir, names, overwrite=True)))
   outputs.write_json(paths["compare_results.json"], results)
   table = markdown(results)
   with open(paths["compare_table.md"], "w", encoding="utf-8") as f:
     f.write(table)
   plots.save(plots.compare_figure(results), paths["compare.png"])
+  if "curve" in results:
+    plots.save(plots.pretraining_curve_figure(results["curve"]), paths["compare_curve.png"])
+  if "recovery" in results:
+    plots.save(plots.recovery_figure(results["recovery"]), paths["compare_recovery.png"])
   logging.info("comparison:\n%s", table)

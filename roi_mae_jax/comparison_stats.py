@@ -27,6 +27,16 @@ def describe(values: Mapping[tuple, float]) -> dict:
           "std": float(x.std(ddof=1)) if len(x) > 1 else float("nan"), "n": int(len(x))}
 
 
+def mean_interval(values: Mapping[tuple, float], test_fraction: float,
+                  level: float = 0.95) -> dict:
+  """The mean of split scores with its 95% interval (corrected t; see paired_difference).
+
+      mean_interval({(seed, fold): score}, test_fraction=1 / folds)  # mean, ci_low, ci_high, n
+  """
+  out = paired_difference(values, {k: 0.0 for k in values}, test_fraction, level)
+  return {k: out[k] for k in ("mean", "ci_low", "ci_high", "n")}
+
+
 def paired_difference(a: Mapping[tuple, float], b: Mapping[tuple, float],
                       test_fraction: float, level: float = 0.95) -> dict:
   """a - b over shared keys: mean, 95% interval and two-sided p (corrected t-test).

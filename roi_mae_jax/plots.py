@@ -303,6 +303,58 @@ def compare_figure(results: Mapping) -> plt.Figure:
   return fig
 
 
+def pretraining_curve_figure(curve: Mapping, metric: str = "balanced_accuracy") -> plt.Figure:
+  """Score against pretraining steps (mean and 95% interval), a panel per read-out,
+  a line per strategy; the classical baselines as horizontal bands."""
+  readouts = list(dict.fromkeys(row["readout"] for row in curve["rows"].values()))
+  fig, axes = plt.subplots(1, len(readouts), figsize=(3.8 * len(readouts), 3.4),
+                           squeeze=False, sharey=True)
+  for ax, readout in zip(axes[0], readouts):
+    for k, row in enumerate(r for r in curve["rows"].values() if r["readout"] == readout):
+      steps = sorted(int(b) for b in row["points"])
+      points = [row["points"][str(b)][metric] for b in steps]
+      ax.plot(steps, [p["mean"] for p in points], "o-", color=f"C{k}", label=row["strategy"])
+      ax.fill_between(steps, [p["ci_low"] for p in points], [p["ci_high"] for p in points],
+                      color=f"C{k}", alpha=0.15)
+    for k, (name, interval) in enumerate(curve["reference"].items()):
+      ax.axhspan(interval[metric]["ci_low"], interval[metric]["ci_high"], color=f"C{k + 4}",
+                 alpha=0.12)
+      ax.axhline(interval[metric]["mean"], color=f"C{k + 4}", linestyle="--", linewidth=0.9,
+                 label=name)
+    ax.axhline(0.5, color="0.6", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("pretraining steps (0: initial weights)")
+    ax.set_title(readout, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel(f"{metric.replace('_', ' ')} (k-fold, 95% CI)")
+  axes[0, -1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return fig
+
+
+def recovery_figure(recovery: Mapping) -> plt.Figure:
+  """Recovery R² of each region's network and own component against pretraining
+  steps: a panel per component and region group, a line per layer and strategy."""
+  panels = [(c, g) for c in ("network", "own") for g in ("effect", "other")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False,
+                           sharey=True)
+  styles = ("-", "--", ":", "-.")
+  for ax, (component, group) in zip(axes[0], panels):
+    for s, (strategy, by_budget) in enumerate(recovery.items()):
+      steps = sorted(int(b) for b in by_budget)
+      depth = len(by_budget[str(steps[0])][component][group])
+      for layer in range(depth):
+        values = [by_budget[str(b)][component][group][layer] for b in steps]
+        ax.plot(steps, values, styles[s % len(styles)], color=f"C{layer}", marker="o",
+                markersize=3, label=f"{strategy} layer {layer}")
+    ax.set_title(f"{component} component, {group} regions", fontsize=9)
+    ax.set_xlabel("pretraining steps")
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel("held-out R² (linear read-out)")
+  axes[0, -1].legend(fontsize=6, loc="best")
+  fig.tight_layout()
+  return fig
+
+
 def loss_curve_figure(records: Sequence[Mapping[str, float]], title: str = "") -> plt.Figure:
   """Masked-token loss (log scale) and learning rate against step."""
   steps = [r["step"] for r in records]

@@ -195,9 +195,10 @@ class SyntheticFMRI:
   def run_frames(self) -> int:
     return int(self.cfg.run_frames)
 
-  @functools.lru_cache(maxsize=256)
-  def region_series(self, subject: int) -> np.ndarray:
-    """(R, run_frames) BOLD fluctuation of each region, in % of baseline."""
+  def components(self, subject: int) -> dict[str, np.ndarray]:
+    """What each region's fluctuation is made of (ground truth for read-out studies):
+    network (R, run_frames) its network's series, own (R, run_frames) its own, both
+    unit std; coupling and amplitude (R,), this subject's loadings."""
     s = self.subjects[subject]
     rng = np.random.default_rng([self.seed, 0x11, subject])
     network = band_passed(rng, (self.num_networks, self.run_frames), s.site.tr)
@@ -207,9 +208,16 @@ class SyntheticFMRI:
     if s.label == 1:
       coupling[self.effect] *= 1.0 - self.cfg.effect_decoupling
       amplitude[self.effect] *= self.cfg.effect_amplitude
-    series = coupling[:, None] * network[self.region_network] + \
-        np.sqrt(1 - coupling[:, None] ** 2) * own
-    return (self.cfg.signal_percent * amplitude[:, None] * series).astype(np.float32)
+    return {"network": network[self.region_network], "own": own, "coupling": coupling,
+            "amplitude": amplitude}
+
+  @functools.lru_cache(maxsize=256)
+  def region_series(self, subject: int) -> np.ndarray:
+    """(R, run_frames) BOLD fluctuation of each region, in % of baseline."""
+    c = self.components(subject)
+    coupling = c["coupling"][:, None]
+    series = coupling * c["network"] + np.sqrt(1 - coupling ** 2) * c["own"]
+    return (self.cfg.signal_percent * c["amplitude"][:, None] * series).astype(np.float32)
 
   def window(self, subject: int, start: int, frames: int) -> np.ndarray:
     """(X, Y, Z, frames) float32 volumes of `subject` from frame `start`."""
