@@ -70,7 +70,7 @@ METRICS = {"balanced_accuracy": "balanced acc.", "roc_auc": "AUC", "accuracy": "
 
 # Strategy name -> settings of the pretraining config it changes. The last two
 # are the paper's future work (region_objectives): `roi_weighted` takes its loss
-# weights from config.weighted_loss.
+# weights from config.weighted_loss. The `_visible` pair also reconstructs the visible tokens.
 VARIANTS = {
     "roi": {"mask.strategy": "roi"},
     "random": {"mask.strategy": "random"},
@@ -78,6 +78,9 @@ VARIANTS = {
     "roi_time": {"mask.strategy": "roi_time"},
     "roi_weighted": {"mask.strategy": "roi"},
     "roi_adaptive": {"mask.strategy": "roi", "mask.adaptive": True},
+    # The visible tokens' reconstruction joins the loss (region_objectives.visible_weight).
+    "roi_visible": {"mask.strategy": "roi", "loss.visible_weight": 1.0},
+    "random_visible": {"mask.strategy": "random", "loss.visible_weight": 1.0},
 }
 
 

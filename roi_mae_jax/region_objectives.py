@@ -36,6 +36,20 @@ def loss_config() -> ml_collections.ConfigDict:
       "region_weights": ""})
 
 
+def visible_weight(config: ml_collections.ConfigDict) -> float:
+  """`loss.visible_weight` (absent: 0, the masked tokens only): the weight of the
+  visible tokens' reconstruction error in the loss.
+
+  Masking a whole region leaves nothing in the loss that a region's own
+  fluctuation (the part its network does not predict) could lower, so the
+  encoder may drop it; reconstructing the visible tokens too asks it to keep it.
+  """
+  weight = float(config.get("loss", {}).get("visible_weight", 0.0))
+  if not 0.0 <= weight:
+    raise errors.InputError(f"loss.visible_weight must be >= 0, got {weight}")
+  return weight
+
+
 def token_regions(patch_map: patches_lib.PatchMap, num_time: int) -> np.ndarray:
   """(N,) region index of each token (time-major, as the sampler); -1: a mixed patch."""
   return np.tile(patch_map.brain_region.astype(np.int32), num_time)

@@ -133,7 +133,8 @@ class TrainSetup:
                             abstract, shardings)
     batch_size = int(config.batch_size)
     step = jax.jit(
-        make_step_fn(graphdef, tx, schedule, sampler, batch_size, token_weight, adaptive),
+        make_step_fn(graphdef, tx, schedule, sampler, batch_size, token_weight, adaptive,
+                     region_objectives.visible_weight(config)),
         in_shardings=(shardings, {"windows": sharding_lib.batch_sharding(mesh)}),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -184,17 +185,23 @@ def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
 def make_step_fn(graphdef, tx, schedule, sampler: masking.MaskSampler, batch_size: int,
                  token_weight: np.ndarray | None = None,
                  adaptive: region_objectives.AdaptiveRegions | None = None,
+                 visible_weight: float = 0.0,
                  ) -> Callable[[State, dict], tuple[State, dict]]:
   """The pure step `(state, batch) -> (state, metrics)` for jit.
 
   `token_weight` (N,): the region-weighted loss; `adaptive`: masks drawn in
-  proportion to state["region_error"], which the step then updates.
+  proportion to state["region_error"], which the step then updates;
+  `visible_weight`: the visible tokens' reconstruction error joins the loss.
   """
   weight = None if token_weight is None else jnp.asarray(token_weight)
 
   def loss_fn(params, windows, masks):
     out = nnx.merge(graphdef, params)(windows, masks, weight)
-    return out["loss"], out
+    loss = out["loss"]
+    if visible_weight:
+      loss = loss + visible_weight * model_lib.weighted_mean(out["token_error"], ~masks.mask,
+                                                             weight)
+    return loss, out
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     step = state["step"]

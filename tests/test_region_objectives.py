@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
@@ -121,3 +122,26 @@ def test_compare_variants_set_the_options():
   config.strategies = "roi_weighted,roi_adaptive,random"
   assert compare.plan_runs(config)[:3] == [("roi_weighted", 0), ("roi_adaptive", 0),
                                             ("random", 0)]
+
+
+def test_visible_weight_adds_the_visible_tokens_error():
+  config = load_config("pretrain_aal3", "test")
+  config.batch_size = 2
+  _, _, plain = _two_steps(config)
+  config.loss.visible_weight = 1.0
+  setup, _, both = _two_steps(config)
+  # Same first masks and parameters: the first loss gains the visible tokens' mean error.
+  model = nnx.merge(setup.graphdef, setup.init()["params"])
+  patch_map, spec, sampler = _parts(config)
+  masks = sampler.sample_batch(jax.random.fold_in(setup.init()["rng"], 0), 2)
+  windows = np.random.default_rng(0).standard_normal((2,) + spec.window_shape)
+  out = model(jnp.asarray(windows, jnp.float32), masks)
+  visible = model_lib.weighted_mean(out["token_error"], ~out["mask"])
+  assert both[0] == pytest.approx(plain[0] + float(visible), rel=1e-4)
+  visible_variant = compare.pretrain_config(load_config("compare_masking", "test"),
+                                            "random_visible", seed=0)
+  assert region_objectives.visible_weight(visible_variant) == 1.0
+  assert visible_variant.mask.strategy == "random"
+  config.loss.visible_weight = -1.0
+  with pytest.raises(errors.InputError, match="visible_weight"):
+    region_objectives.visible_weight(config)
