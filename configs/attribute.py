@@ -5,8 +5,9 @@ r"""Integrated gradients of the ADHD logit, aggregated to AAL3 regions, hemisphe
     python -m roi_mae_jax.main --config=configs/attribute.py --workdir=runs/attribution_adhd200 \
         --config.checkpoint=runs/pretrain_adhd200 --config.data.shards=runs/adhd200_4mm
 
-The classifier explained is the frozen encoder + `pool` + a linear head fitted
-on every labelled subject (the probe's model).
+The classifier explained is the frozen encoder (its blocks `layers`, as the
+probe's read-out) + `pool` + a linear head fitted on every labelled subject
+(the probe's model).
 """
 
 import ml_collections
@@ -18,6 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = config_lib.downstream("attribute")
   config.classifier = ""            # a finetune workdir; empty: fit the probe's head here
   config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/features.py)
+  config.layers = ""                # encoder blocks pooled, as the probe's ("": the output)
   config.baseline = "temporal_mean"  # temporal_mean | zeros
   config.ig_steps = 32              # points on the path (midpoint rule)
   config.ig_chunk = 2               # points per backward pass (x max_windows windows): memory

@@ -40,6 +40,7 @@ class LinearHead:
   bias: float
   pool: str
   c: float             # the chosen inverse regularisation
+  layers: tuple[int, ...] | None = None  # encoder blocks pooled (None: the output)
 
   def logit(self, features: jax.Array) -> jax.Array:
     z = (features - jnp.asarray(self.mean)) / jnp.asarray(self.scale)
@@ -47,24 +48,27 @@ class LinearHead:
 
   def save(self, path: str) -> None:
     np.savez(path, mean=self.mean, scale=self.scale, weight=self.weight,
-             bias=np.float64(self.bias), pool=np.array(self.pool), c=np.float64(self.c))
+             bias=np.float64(self.bias), pool=np.array(self.pool), c=np.float64(self.c),
+             layers=np.array(self.layers if self.layers is not None else [], np.int64))
 
   @classmethod
   def load(cls, path: str) -> "LinearHead":
     with np.load(path) as f:
+      layers = tuple(int(k) for k in f["layers"]) if "layers" in f.files else ()
       return cls(f["mean"], f["scale"], f["weight"], float(f["bias"]), str(f["pool"]),
-                 float(f["c"]))
+                 float(f["c"]), layers or None)
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, pool: str,
-                    inner_folds: int = 3, seed: int = 0) -> LinearHead:
+                    inner_folds: int = 3, seed: int = 0,
+                    layers: tuple[int, ...] | None = None) -> LinearHead:
   """Logistic regression on all labelled subjects, as the probe fits each fold."""
   model, c = linear_probe.fit_sklearn(features, labels, inner_folds=inner_folds, seed=seed)
   scaler = model[0]
   weight, bias = linear_probe.weights_of(model)
   scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
   return LinearHead(scaler.mean_.astype(np.float32), scale.astype(np.float32),
-                    weight.astype(np.float32), bias, pool, c)
+                    weight.astype(np.float32), bias, pool, c, layers)
 
 
 def params_of(pre: pretrained_lib.Pretrained, head: LinearHead) -> dict:
@@ -75,16 +79,22 @@ def params_of(pre: pretrained_lib.Pretrained, head: LinearHead) -> dict:
 
 
 def clip_features(pre: pretrained_lib.Pretrained, pool: str, encoder_params,
-                  clip: jax.Array) -> jax.Array:
-  """One clip (K, X, Y, Z, T) -> its subject features (F,), as features.EncoderFeatures."""
-  tokens, regions = pre.courses(encoder_params, clip)
-  return features_lib.pool_courses(tokens.reshape(-1, tokens.shape[-1]),
-                                   regions.reshape((-1,) + regions.shape[2:]), pool)
+                  clip: jax.Array, layers: tuple[int, ...] | None = None) -> jax.Array:
+  """One clip (K, X, Y, Z, T) -> its subject features (F,), as features.EncoderFeatures
+  (with `layers`: each block's courses pooled alone, rows joined)."""
+  tokens, regions = pre.courses(encoder_params, clip, layers)
+  tokens = tokens.reshape((-1,) + tokens.shape[2:])
+  regions = regions.reshape((-1,) + regions.shape[2:])
+  if layers is None:
+    return features_lib.pool_courses(tokens, regions, pool)
+  return jnp.concatenate([features_lib.pool_courses(tokens[:, k], regions[:, k], pool)
+                          for k in range(len(layers))])
 
 
-def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, clips) -> jax.Array:
+def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, clips,
+           layers: tuple[int, ...] | None = None) -> jax.Array:
   """clips (B, K, X, Y, Z, T) -> (B,) ADHD logits of encoder + pooling + head."""
-  feats = jax.vmap(lambda c: clip_features(pre, pool, params["encoder"], c))(clips)
+  feats = jax.vmap(lambda c: clip_features(pre, pool, params["encoder"], c, layers))(clips)
   z = (feats - params["norm"]["mean"]) / params["norm"]["scale"]
   return z @ params["head"]["weight"] + params["head"]["bias"]
 
@@ -92,7 +102,7 @@ def logits(pre: pretrained_lib.Pretrained, pool: str, params: dict, clips) -> ja
 def clip_logit(pre: pretrained_lib.Pretrained, head: LinearHead) -> Callable:
   """clips (B, K, X, Y, Z, T) -> (B,) ADHD logits, differentiable end to end."""
   params = params_of(pre, head)
-  return lambda clips: logits(pre, head.pool, params, clips)
+  return lambda clips: logits(pre, head.pool, params, clips, head.layers)
 
 
 def save_classifier(directory: str, params: dict, meta: dict) -> None:

@@ -33,6 +33,7 @@ from roi_mae_jax import integrated_gradients as ig
 from roi_mae_jax import linear_probe
 from roi_mae_jax import metrics
 from roi_mae_jax import pretrained as pretrained_lib
+from roi_mae_jax import readouts
 from roi_mae_jax import region_reconstruction
 
 BASELINES = ("zeros", "temporal_mean")
@@ -137,15 +138,17 @@ def probe_classifier(config, pre, source):
   Fitted on the features of the clips that are explained, so the head reads
   what the attribution path computes.
   """
+  layers = readouts.parse_layers(config.get("layers", ""), pre.depth)
   feats = features.EncoderFeatures(pre, config.pool, batch_size=int(config.batch_size),
-                                   max_windows=int(config.max_windows))(source)
+                                   max_windows=int(config.max_windows), layers=layers)(source)
   head = classifier.fit_linear_head(feats.features, feats.labels, config.pool,
-                                    seed=int(config.seed))
+                                    seed=int(config.seed), layers=layers)
   probs = 1 / (1 + np.exp(-np.asarray(head.logit(jnp.asarray(feats.features)))))
   fit = linear_probe.binary_metrics(feats.labels, probs)
   logging.info("linear head on %d subjects: C %.3g, in-sample AUC %.3f", len(feats.labels),
                head.c, fit["roc_auc"])
   about = {"kind": "linear probe", "pool": config.pool, "C": head.c,
+           "layers": str(config.get("layers", "")),
            "in_sample_auc": fit["roc_auc"]}
   return (classifier.clip_logit(pre, head), dict(zip(feats.subjects, feats.labels.tolist())),
           about, head)
@@ -190,6 +193,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Bad baseline or pool names, before any work."""
   baseline_of(np.zeros((1, 1)), config.baseline)
   features.check_pools(config.pool)
+  readouts.parse_layers(config.get("layers", ""))
 
 
 def explain(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,

@@ -31,15 +31,17 @@ def test_ig_of_a_linear_model_is_input_times_weight():
   assert ig.completeness_error(attr, delta).max() < 1e-4
 
 
-@pytest.mark.parametrize("pool", ["region_std", "region_corr"])
-def test_ig_is_complete_on_the_mae_classifier(pretrained_dir, pool):
+@pytest.mark.parametrize("pool, layers", [("region_std", None), ("region_corr", None),
+                                          ("region_std", (1, 2))])
+def test_ig_is_complete_on_the_mae_classifier(pretrained_dir, pool, layers):
   pre = pretrained_lib.load_pretrained(str(pretrained_dir))
   rng = np.random.default_rng(1)
   clip = rng.standard_normal((1, 2) + pre.spec.window_shape).astype(np.float32)
-  dim = classifier.clip_features(pre, pool, pre.params, jnp.asarray(clip[0])).shape[0]
+  dim = classifier.clip_features(pre, pool, pre.params, jnp.asarray(clip[0]),
+                                 layers).shape[0]
   head = classifier.LinearHead(np.zeros(dim, np.float32), np.ones(dim, np.float32),
                                rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim),
-                               0.1, pool, 1.0)
+                               0.1, pool, 1.0, layers)
   baseline = np.broadcast_to(clip.mean(-1, keepdims=True), clip.shape)
   attr, delta = ig.integrated_gradients(classifier.clip_logit(pre, head), jnp.asarray(clip),
                                         jnp.asarray(baseline), steps=64, chunk=8)
@@ -48,12 +50,15 @@ def test_ig_is_complete_on_the_mae_classifier(pretrained_dir, pool):
 
 
 @pytest.mark.slow
-def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path):
-  """The realistic preset: four small left regions, amplitude and decoupling only."""
+@pytest.mark.parametrize("layers", ["", "1"])
+def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path, layers):
+  """The realistic preset: four small left regions, amplitude and decoupling only;
+  the classifier on the encoder's output, or on an intermediate block (read-out encoder@1)."""
   from roi_mae_jax.data import synthetic
   trained_dir = pretrained_dir
   config = load_config("attribute", "test")
   config.checkpoint = str(trained_dir)
+  config.layers = layers
   tasks.run_task(config, str(tmp_path))
   with open(tmp_path / "attribution_regions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
@@ -99,6 +104,7 @@ def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path):
   assert (tmp_path / "reconstruction_by_region.png").stat().st_size > 10_000
   head = classifier.LinearHead.load(str(tmp_path / "classifier_head.npz"))
   assert head.pool == config.pool and head.weight.shape == head.mean.shape
+  assert head.layers == ((1,) if layers else None)  # the read-out the head was fitted on
 
 
 def test_bad_baseline_is_refused_before_work(tmp_path):
