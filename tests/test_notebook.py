@@ -42,6 +42,8 @@ def test_notebook_makes_a_demo_checkpoint_probes_and_ranks_regions(tmp_path, mon
   assert (tmp_path / "demo_checkpoint" / "checkpoints").is_dir()
   assert "step 6, model tiny" in text
   assert "| encoder | kfold |" in text and "| region_stats | loso |" in text
+  for readout in ("encoder@1", "recon", "init@1", "init_recon"):  # read-outs and twins
+    assert f"| {readout} | kfold |" in text
   assert "completeness:" in text and "contrast" in text
   assert (tmp_path / "region_ranking.png").stat().st_size > 10_000
 
