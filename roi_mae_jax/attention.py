@@ -40,6 +40,7 @@ from absl import logging
 
 from jax.sharding import PartitionSpec as P
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import platforms
 from roi_mae_jax import scan_slices
@@ -55,9 +56,8 @@ _logged: set = set()
 
 
 def check_implementation(name: str) -> None:
-  if name not in IMPLEMENTATIONS:
-    raise errors.InputError(
-        f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+  """InputError unless `name` is one of IMPLEMENTATIONS (the rule of model.attention)."""
+  config_validation.refuse("model.attention", name)
 
 
 def choose(implementation: str, platform: str, dtype, batch: int, tokens: int,

@@ -68,7 +68,6 @@ def write_reconstruction_by_region(rows: list[dict], paths: dict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
-  region_attribution.check(config)  # bad names fail before any work
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)
   result = region_attribution.explain(config, pre, source)

@@ -42,7 +42,6 @@ from absl import logging
 
 from roi_mae_jax import comparison_stats
 from roi_mae_jax import config_lib
-from roi_mae_jax import errors
 from roi_mae_jax import features
 from roi_mae_jax import finetuning
 from roi_mae_jax import metrics as metrics_lib
@@ -84,12 +83,8 @@ VARIANTS = {
 }
 
 
-def _names(text: str, what: str) -> list[str]:
-  names = [n.strip() for n in str(text).split(",") if n.strip()]
-  if not names or len(set(names)) != len(names):
-    raise errors.InputError(f"config.{what} must be a comma-separated list without repeats, "
-                            f"got {text!r}")
-  return names
+def _names(text: str) -> list[str]:
+  return [n.strip() for n in str(text).split(",") if n.strip()]
 
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
@@ -101,22 +96,9 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
 
 
 def plan_runs(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
-  """(strategy, seed) pairs in the order they run; checks names first."""
-  strategies = _names(config.strategies, "strategies")
-  unknown = [s for s in strategies if s not in VARIANTS]
-  if unknown:
-    raise errors.InputError(f"unknown strategies {', '.join(unknown)}; known: "
-                            f"{', '.join(VARIANTS)}")
-  rows = strategies + features.baseline_names(config.probe.get("baselines", ""))
-  readouts.readout_names(config.probe.get("readouts", ""))
-  if config.baseline not in rows:
-    raise errors.InputError(f"config.baseline={config.baseline!r} is not among the "
-                            f"strategies or probe baselines {', '.join(rows)}")
-  try:
-    seeds = [int(s) for s in _names(config.seeds, "seeds")]
-  except ValueError:
-    raise errors.InputError(f"config.seeds must list integers, got {config.seeds!r}") from None
-  return [(strategy, seed) for seed in seeds for strategy in strategies]
+  """(strategy, seed) pairs in the order they run (names checked by config_validation)."""
+  seeds = [int(s) for s in _names(config.seeds)]
+  return [(strategy, seed) for seed in seeds for strategy in _names(config.strategies)]
 
 
 def pretrain_config(config: ml_collections.ConfigDict, strategy: str,
@@ -142,17 +124,7 @@ def curve_budgets(config: ml_collections.ConfigDict) -> list[int]:
   """config.budgets ('0,150,300') -> sorted steps; '' -> [] (no curve: the run's end).
 
   0 is the initial weights (the `init` read-outs); at least one budget must train."""
-  text = str(config.get("budgets", "")).strip()
-  if not text:
-    return []
-  try:
-    budgets = sorted(int(b) for b in _names(text, "budgets"))
-  except ValueError:
-    budgets = [-1]
-  if min(budgets) < 0 or max(budgets) == 0:
-    raise errors.InputError(f"config.budgets must list pretraining steps >= 0 (0: the "
-                            f"initial weights), at least one > 0, got {text!r}")
-  return budgets
+  return sorted(int(b) for b in _names(config.get("budgets", "")))
 
 
 def _downstream(block: ml_collections.ConfigDict, checkpoint: str,
@@ -245,7 +217,7 @@ def _run_one(config: ml_collections.ConfigDict, strategy: str, seed: int, root: 
   kept = outputs.read_json(path) if os.path.exists(path) else {}
   missing = [e for e in evaluations(config) if e not in kept]
   if missing:
-    first = _names(config.strategies, "strategies")[0]
+    first = _names(config.strategies)[0]
     first_probe = evaluations(config)[0]
     for evaluation in missing:
       preemption.check(f"before {label}: {evaluation}",
@@ -323,7 +295,7 @@ def _attribution_summary(runs: list[list[dict]]) -> dict:
 
 def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str) -> dict:
   """row -> scores and paired differences of one evaluation over every run."""
-  strategies = _names(config.strategies, "strategies")
+  strategies = _names(config.strategies)
   baselines = features.baseline_names(config.probe.get("baselines", ""))
   folds = int(config.probe.folds)
   extra = readouts.readout_names(config.probe.get("readouts", ""))
@@ -373,10 +345,10 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
   """The comparison from every run's dicts ({(strategy, seed): {evaluation: dict}}):
   per-strategy scores, paired differences, region summaries, and with
   `config.budgets` the pretraining curve (pretraining_curve.summarise)."""
-  strategies = _names(config.strategies, "strategies")
+  strategies = _names(config.strategies)
   results = {"strategies": strategies,
              "baselines": features.baseline_names(config.probe.get("baselines", "")),
-             "seeds": [int(s) for s in _names(config.seeds, "seeds")],
+             "seeds": [int(s) for s in _names(config.seeds)],
              "baseline": config.baseline, "folds": int(config.probe.folds),
              "repeats": int(config.probe.get("repeats", 1)), "evaluations": {},
              "readouts": readouts.readout_names(config.probe.get("readouts", ""))}
@@ -470,7 +442,6 @@ def markdown(results: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  plan_runs(config)  # bad names fail before any work
   config_lib.require(config.pretrain, ("total_steps", "mask.strategy"), "compare (pretrain)")
   # Finished runs are reused only under the same task settings; more strategies,
   # seeds or evaluations may be added to a comparison.

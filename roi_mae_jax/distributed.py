@@ -23,6 +23,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 
 MODES = ("auto", "cluster", "off")
@@ -86,8 +87,7 @@ def plan(cfg: ml_collections.ConfigDict | None, env: dict | None = None) -> dict
   cfg = cfg if cfg is not None else distributed_config()
   env = dict(os.environ) if env is None else env
   mode = cfg.get("mode", "auto")
-  if mode not in MODES:
-    raise errors.InputError(f"distributed.mode={mode!r}; expected one of {', '.join(MODES)}")
+  config_validation.refuse("distributed.mode", mode)
   if mode == "off":
     return None
   explicit = _explicit(cfg, env)

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from roi_mae_jax import atlas as atlas_lib
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import metrics
 from roi_mae_jax import model as model_lib
@@ -60,15 +61,8 @@ class SubjectFeatures:
 
 def check_pools(pool: str) -> list[str]:
   """'region_std+region_corr' -> its parts; a bad name is an InputError."""
-  parts = [p.strip() for p in str(pool).split("+") if p.strip()]
-  if "cls" in parts:
-    raise errors.InputError("pool 'cls' needs a class token; this encoder has none: use "
-                            f"one of {', '.join(POOLS)}")
-  unknown = [p for p in parts if p not in POOLS]
-  if unknown or not parts:
-    raise errors.InputError(f"pool must be one of {', '.join(POOLS)} (or several joined by "
-                            f"'+'), got {pool!r}")
-  return parts
+  config_validation.refuse("pool", pool)
+  return [p.strip() for p in str(pool).split("+") if p.strip()]
 
 
 def _corr_upper(series: jax.Array) -> jax.Array:
@@ -383,12 +377,8 @@ def extract(extractors: dict, source, labelled_only: bool = True) -> dict[str, S
 
 def baseline_names(names: str) -> list[str]:
   """'region_stats,fc' -> its names (see BASELINES); '' gives none; a bad name is an error."""
-  chosen = [n.strip() for n in str(names).split(",") if n.strip()]
-  unknown = [n for n in chosen if n not in BASELINES]
-  if unknown or len(set(chosen)) != len(chosen):
-    raise errors.InputError(f"config.baselines must list {', '.join(BASELINES)} without "
-                            f"repeats, got {names!r}")
-  return chosen
+  config_validation.refuse("baselines", names)
+  return [n.strip() for n in str(names).split(",") if n.strip()]
 
 
 def baseline_extractors(pre: pretrained_lib.Pretrained, names: str, pool: str,

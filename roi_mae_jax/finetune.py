@@ -40,7 +40,6 @@ OUTPUT_NAMES = ("finetune_results.json", "finetune_table.md", "classifier", "cla
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  finetuning.check_config(config)  # bad names fail before any work
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   source = sources.downstream_source(pre.config, config.data)

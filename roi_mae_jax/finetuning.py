@@ -31,7 +31,7 @@ from absl import logging
 from sklearn import linear_model
 
 from roi_mae_jax import classifier
-from roi_mae_jax import errors
+from roi_mae_jax import config_validation
 from roi_mae_jax import features
 from roi_mae_jax import linear_probe
 from roi_mae_jax import preemption
@@ -147,20 +147,13 @@ def probabilities(logit: np.ndarray, calibration: tuple[float, float]) -> np.nda
   return 1 / (1 + np.exp(-(a * logit + b)))
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Bad mode or pool names, before any work."""
-  if config.mode not in MODES:
-    raise errors.InputError(f"config.mode must be one of {MODES}, got {config.mode!r}")
-  features.check_pools(config.pool)
-
-
 class FineTuning:
   """The fine-tuning of one (config, encoder, data): clips and initial features computed
   once, shared by the cross-validation and the final model."""
 
   def __init__(self, config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
                source):
-    check_config(config)
+    config_validation.refuse("mode", config.mode)  # anything else would train the head only
     self.config, self.pre, self.source = config, pre, source
     self.table = features.subject_table(source)  # subjects, sites, labels: no encoder run
     self.clips = features.window_clips(source, set(self.table.subjects),

@@ -19,6 +19,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 
 # Centre and extent of the MNI152 template box (91x109x91 at 2 mm): the box that
@@ -90,15 +91,13 @@ def mni_grid(voxel_size_mm: float,
   """
   if voxel_size_mm <= 0:
     raise errors.InputError(f"grid.voxel_size_mm must be positive, got {voxel_size_mm}")
+  config_validation.refuse("grid.orientation", orientation)
   orientation = orientation.upper()
-  if orientation not in ("RAS", "LAS"):
-    raise errors.InputError(f"grid.orientation must be 'RAS' or 'LAS', got {orientation!r}")
   if shape is None:
     shape = [math.ceil(e / voxel_size_mm / multiple_of) * multiple_of
              for e in MNI_BOX_EXTENT_MM]
+  config_validation.refuse("grid.shape", shape)
   shape = tuple(int(s) for s in shape)
-  if len(shape) != 3 or min(shape) < 1:
-    raise errors.InputError(f"grid.shape must be three positive integers, got {shape}")
   steps = np.array([voxel_size_mm] * 3)
   if orientation == "LAS":
     steps[0] = -voxel_size_mm

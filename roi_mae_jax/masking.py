@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import patches as patches_lib
 
@@ -49,16 +50,9 @@ class MaskSample(NamedTuple):
 
 def parse_region_weights(spec: str, what: str = "mask") -> dict[str, float]:
   """'Hippocampus_*=2, Amygdala_R=0.5' -> {pattern: weight}; `what` names the config block."""
-  weights = {}
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    name, sep, value = item.partition("=")
-    try:
-      weights[name.strip()] = float(value)
-    except ValueError:
-      sep = ""
-    if not sep:
-      raise errors.InputError(f"{what}.region_weights: expected NAME=WEIGHT, got {item!r}")
-  return weights
+  config_validation.refuse("region_weights", spec, path=f"{what}.region_weights")
+  items = (item.partition("=") for item in filter(None, (s.strip() for s in spec.split(","))))
+  return {name.strip(): float(value) for name, _, value in items}
 
 
 def region_weights(regions, system_weights: Mapping[str, float] | None = None,
@@ -197,8 +191,7 @@ class MaskSampler:
                strategy: str = "roi", ratio: float = 0.5,
                weights: np.ndarray | None = None):
     """`weights`: (R,) per-region draw weights (see `region_weights`)."""
-    if strategy not in STRATEGIES:
-      raise errors.InputError(f"mask.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    config_validation.refuse("mask.strategy", strategy)
     if not 0.0 < ratio < 1.0:
       raise errors.InputError(f"mask.ratio must be in (0, 1), got {ratio}")
     self.strategy, self.ratio, self.num_time = strategy, float(ratio), int(num_time)
@@ -272,8 +265,6 @@ def sampler_from_config(config, patch_map: patches_lib.PatchMap,
 
 
 def num_time_chunks(config) -> int:
-  """Time chunks per window: `frames / patches.frames`."""
-  frames, per = int(config.frames), int(config.patches.get("frames", 1))
-  if frames % per:
-    raise errors.InputError(f"frames={frames} is not a multiple of patches.frames={per}")
-  return frames // per
+  """Time chunks per window: `frames / patches.frames` (a whole number: the rule
+  frames_per_token of config_validation)."""
+  return int(config.frames) // int(config.patches.get("frames", 1))

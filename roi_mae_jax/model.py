@@ -32,6 +32,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from roi_mae_jax import attention as attention_lib
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import fused_layers
 from roi_mae_jax import masking
@@ -78,29 +79,6 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       "mlp_chunk": 0,              # >0: the MLP runs over this many tokens at a time,
                                    # each chunk recomputed in backward
   })
-
-
-def check_model_config(config: ml_collections.ConfigDict) -> None:
-  """Raises InputError naming the first bad `config.model` value."""
-  if config.size not in SIZES:
-    raise errors.InputError(f"model.size must be one of {', '.join(SIZES)}, got {config.size!r}")
-  if config.dtype not in DTYPES:
-    raise errors.InputError(f"model.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-  attention_lib.check_implementation(_attention(config))
-  if int(config.get("attention_block", 512)) < 1:
-    raise errors.InputError(
-        f"model.attention_block must be a positive token count, got {config.attention_block}")
-  if config.get("remat", "none") not in REMAT_POLICIES:
-    raise errors.InputError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got "
-                            f"{config.remat!r}")
-  if int(config.get("mlp_chunk", 0)) < 0:
-    raise errors.InputError(f"model.mlp_chunk must be 0 (off) or a token count, got "
-                            f"{config.mlp_chunk}")
-  if not isinstance(config.get("centre_target", False), bool):
-    raise errors.InputError(f"model.centre_target must be True or False, got "
-                            f"{config.centre_target!r}")
-  if not isinstance(config.get("scan", False), bool):
-    raise errors.InputError(f"model.scan must be True or False, got {config.scan!r}")
 
 
 def _attention(config) -> str:
@@ -452,7 +430,7 @@ class MaskedAutoencoder(nnx.Module):
 
   def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
              target: platforms.Target):
-    check_model_config(config)
+    config_validation.validate(config, where="model")
     width, depth, heads, d_width, d_depth, d_heads = SIZES[config.size]
     dtype = DTYPES[config.dtype]
     self.spec = spec

@@ -29,6 +29,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import atlas as atlas_lib
 
@@ -130,11 +131,8 @@ def build_patch_map(on_grid: atlas_lib.Atlas, patch_size: int,
                     assignment: str = "majority",
                     brain_threshold: float = 0.0) -> PatchMap:
   """Patch facts for an atlas already resampled onto the target grid."""
-  if assignment not in ASSIGNMENTS:
-    raise errors.InputError(f"patches.assignment must be one of {ASSIGNMENTS}, "
-                            f"got {assignment!r}")
-  if not 0.0 <= brain_threshold < 1.0:
-    raise errors.InputError(f"patches.brain_threshold must be in [0, 1), got {brain_threshold}")
+  config_validation.refuse("patches.assignment", assignment)
+  config_validation.refuse("patches.brain_threshold", brain_threshold)
   labels = on_grid.labels
   check_divisible(labels.shape, patch_size)
   p = patch_size

@@ -61,7 +61,6 @@ from roi_mae_jax.data import layouts
 from roi_mae_jax.data import nifti
 from roi_mae_jax.data import prepare_scan
 from roi_mae_jax.data import registration
-from roi_mae_jax.data import resample
 from roi_mae_jax.data import shards
 
 REQUIRED_KEYS = ("source", "grid.voxel_size_mm", "patches.size", "frames", "tr", "normalise")
@@ -72,17 +71,6 @@ REPORT_COLUMNS = ("scan", "subject", "site", "label", "path", "status", "reason"
 OUTPUT_NAMES = (shards.SHARDS_DIR, shards.INDEX_FILE, shards.DATASET_FILE, REPORT_FILE,
                 "atlas_labels.nii.gz", "atlas_labels.tsv", shards.BRAIN_MASK_FILE,
                 "patch_map.csv", "prepare_summary.json", EXAMPLE_FIGURE, outputs.CONFIG_FILE)
-
-
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  if config.normalise not in resample.NORMALISATIONS:
-    raise errors.InputError(f"config.normalise must be one of {resample.NORMALISATIONS}, "
-                            f"got {config.normalise!r}")
-  if config.tr <= 0 or config.frames < 1:
-    raise errors.InputError(f"config.tr ({config.tr}) and config.frames ({config.frames}) "
-                            "must be positive")
-  if config.source == "manifest" and not config.manifest:
-    raise errors.InputError("source 'manifest' needs --config.manifest=CSV")
 
 
 def _clear(workdir: str) -> None:
@@ -202,7 +190,6 @@ def _disk_checked(results, workdir: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  _check_config(config)
   if config.overwrite:
     _clear(workdir)
   outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES,

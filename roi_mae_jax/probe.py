@@ -36,7 +36,6 @@ from roi_mae_jax import outputs
 from roi_mae_jax import plots
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import probing
-from roi_mae_jax import readouts
 from roi_mae_jax.data import shards
 from roi_mae_jax.data import sources
 
@@ -47,7 +46,6 @@ OUTPUT_NAMES = ("probe_results.json", "probe_table.md", "probe_roc.png",
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   paths = dict(zip(OUTPUT_NAMES, outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)))
-  readouts.check(config)  # bad names fail before any work
   pre = pretrained_lib.load_pretrained(config.checkpoint, config.checkpoint_step or None)
   logging.info("encoder from %s (step %d, %s, %d tokens per window)", config.checkpoint,
                pre.step, pre.config.model.size, pre.spec.num_tokens)

@@ -98,7 +98,6 @@ def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrai
   `results` is `evaluate`'s dict plus "meta" (what was probed, subject counts);
   it keeps "oof" (out-of-fold probabilities, arrays) for the caller to write.
   """
-  readouts.check(config, pre)
   sets = feature_sets(config, pre, source)
   feats = sets["encoder"]
   logging.info("%d subjects (%d ADHD, %d control), %d encoder features, %.1f windows per "

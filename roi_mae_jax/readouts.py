@@ -28,13 +28,14 @@ from typing import Callable
 
 import ml_collections
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import features as features_lib
 from roi_mae_jax import pretrained as pretrained_lib
 from roi_mae_jax import recon_features
 
 RECON = {"recon": "power+corr", "recon_power": "power", "recon_corr": "corr"}
-_LAYER_READOUT = re.compile(r"^encoder@(\d+(?:\+\d+)*)$")
+_LAYER_READOUT = config_validation.LAYER_READOUT
 
 
 def parse_layers(text, depth: int | None = None) -> tuple[int, ...] | None:
@@ -46,46 +47,19 @@ def parse_layers(text, depth: int | None = None) -> tuple[int, ...] | None:
     if depth is None:
       raise errors.InputError("layers 'all' needs the encoder's depth")
     return tuple(range(depth + 1))
-  try:
-    layers = tuple(int(k) for k in re.split(r"[,+]", text) if k.strip())
-  except ValueError:
-    layers = ()
-  if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or (
-      depth is not None and max(layers) > depth):
-    top = "depth" if depth is None else str(depth)
-    raise errors.InputError(f"config.layers must list encoder blocks 0..{top} (0: the "
-                            f"embedded tokens) without repeats, or 'all', got {text!r}")
-  return layers
+  config_validation.refuse("layers", text, depth=depth)
+  return tuple(int(k) for k in re.split(r"[,+]", text) if k.strip())
 
 
 def readout_names(text: str) -> list[str]:
   """'recon,encoder@1' -> its names; a bad or repeated name is an InputError."""
-  names = [n.strip() for n in str(text).split(",") if n.strip()]
-  bad = [n for n in names if n not in RECON and not _LAYER_READOUT.match(n)]
-  if bad or len(set(names)) != len(names):
-    raise errors.InputError(f"config.readouts must list {', '.join(RECON)} or encoder@K[+K...] "
-                            f"(encoder blocks) without repeats, got {text!r}")
-  return names
+  config_validation.refuse("readouts", text)
+  return [n.strip() for n in str(text).split(",") if n.strip()]
 
 
 def init_name(name: str) -> str:
   """The name of a read-out's twin on the initial parameters."""
   return "init" + name[len("encoder"):] if name.startswith("encoder") else f"init_{name}"
-
-
-def check(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained | None = None
-          ) -> None:
-  """The read-out keys of a probe config, before any work (with `pre`: layer ranges too)."""
-  depth = pre.depth if pre is not None else None
-  features_lib.check_pools(config.pool)
-  features_lib.baseline_names(config.baselines)
-  parse_layers(config.get("layers", ""), depth)
-  for name in readout_names(config.get("readouts", "")):
-    match = _LAYER_READOUT.match(name)
-    if match:
-      parse_layers(match.group(1), depth)
-  if int(config.get("recon_rounds", 2)) < 1:
-    raise errors.InputError(f"config.recon_rounds must be >= 1, got {config.recon_rounds}")
 
 
 def _extractor(config, pre: pretrained_lib.Pretrained, name: str, readout: str) -> Callable:
@@ -108,7 +82,7 @@ def probe_extractors(config: ml_collections.ConfigDict,
                      pre: pretrained_lib.Pretrained) -> dict[str, Callable]:
   """name -> extractor: "encoder", each read-out, each baseline, and with `init` the
   twins of the read-outs (see the module docstring). Names are the feature sets'."""
-  check(config, pre)
+  config_validation.check_loaded(config, depth=pre.depth)  # encoder blocks it has
   baselines = features_lib.baseline_names(config.baselines)
   names = readout_names(config.get("readouts", ""))
   out = {"encoder": _extractor(config, pre, "encoder", "encoder")}

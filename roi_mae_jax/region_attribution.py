@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from roi_mae_jax import classifier
-from roi_mae_jax import errors
+from roi_mae_jax import config_validation
 from roi_mae_jax import features
 from roi_mae_jax import integrated_gradients as ig
 from roi_mae_jax import linear_probe
@@ -41,11 +41,11 @@ MAPS = ("abs_all", "signed_adhd", "signed_control", "abs_adhd", "abs_control")
 
 
 def baseline_of(windows: np.ndarray, kind: str) -> np.ndarray:
+  """The IG baseline `kind` (BASELINES) of `windows`."""
+  config_validation.refuse("baseline", kind)
   if kind == "zeros":
     return np.zeros_like(windows)
-  if kind == "temporal_mean":
-    return np.broadcast_to(windows.mean(-1, keepdims=True), windows.shape).copy()
-  raise errors.InputError(f"config.baseline must be one of {BASELINES}, got {kind!r}")
+  return np.broadcast_to(windows.mean(-1, keepdims=True), windows.shape).copy()
 
 
 def subject_maps(config, pre, source, logit_fn, labels_by_subject: dict) -> tuple[dict, list]:
@@ -189,13 +189,6 @@ def completeness_summary(pairs: list[tuple[float, float]]) -> dict:
           "mean_abs_delta": float(np.abs(deltas).mean())}
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """Bad baseline or pool names, before any work."""
-  baseline_of(np.zeros((1, 1)), config.baseline)
-  features.check_pools(config.pool)
-  readouts.parse_layers(config.get("layers", ""))
-
-
 def explain(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
             source) -> dict:
   """Attribution of an attribute config (`configs/attribute.py`) as a dict.
@@ -209,7 +202,7 @@ def explain(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrained,
   classifier) and "reconstruction" (reconstruction_rows, [] when
   `reconstruction_windows` is 0).
   """
-  check(config)
+  config_validation.refuse("baseline", config.baseline)  # before the classifier is fitted
   if config.classifier:
     logit_fn, labels, about, head = finetuned_classifier(config, pre, source)
   else:

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 
 AXES = ("data", "fsdp", "tensor")
@@ -43,10 +44,8 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 and checks the product; raises `InputError` when it cannot fit."""
+  config_validation.validate(mesh_cfg, where="mesh")
   sizes = [int(mesh_cfg[a]) for a in AXES]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise errors.InputError(f"config.mesh {dict(zip(AXES, sizes))}: sizes must be >= 1, "
-                            "with at most one -1")
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
@@ -126,11 +125,9 @@ def batch_divisor(mesh: jax.sharding.Mesh) -> int:
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  divisor = batch_divisor(mesh)
-  if batch_size % divisor or batch_size % jax.process_count():
-    raise errors.InputError(
-        f"batch_size {batch_size} must be a multiple of data x fsdp = {divisor} "
-        f"and of the {jax.process_count()} processes")
+  """InputError unless `batch_size` splits evenly over the mesh and the processes."""
+  config_validation.refuse("batch_size", batch_size, divisor=batch_divisor(mesh),
+                           processes=jax.process_count())
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from sklearn import model_selection
 
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 
 
@@ -71,11 +72,8 @@ SCHEMES = ("kfold", "loso")
 def from_config(config, subjects: Sequence[str], labels: np.ndarray,
                 sites: Sequence[str]) -> list[Split]:
   """The splits of `config.schemes` ('kfold,loso'), `config.folds`, `config.repeats`."""
+  config_validation.refuse("schemes", config.schemes)
   schemes = [s.strip() for s in str(config.schemes).split(",") if s.strip()]
-  unknown = set(schemes) - set(SCHEMES)
-  if unknown or not schemes:
-    raise errors.InputError(f"config.schemes must list {' and/or '.join(SCHEMES)}, "
-                            f"got {config.schemes!r}")
   out = []
   if "kfold" in schemes:
     out += kfold_splits(labels, int(config.folds), range(int(config.get("repeats", 1))))

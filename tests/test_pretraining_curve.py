@@ -19,7 +19,7 @@ from roi_mae_jax import tasks
 from roi_mae_jax.data import sources
 
 
-def test_budgets_are_parsed_and_checked():
+def test_budgets_are_parsed():  # their rule: test_config_validation.py
   config = load_config("compare_masking", "test")
   assert compare.curve_budgets(config) == []
   config.budgets = "300,0,150"
@@ -30,10 +30,6 @@ def test_budgets_are_parsed_and_checked():
   assert pretraining_curve.budget_of("probe@150") == 150
   assert pretraining_curve.budget_of("recovery@0") == 0
   assert pretraining_curve.budget_of("probe") is None
-  for bad in ("0", "-5,10", "10,x", "10,10"):
-    config.budgets = bad
-    with pytest.raises(errors.InputError, match="budgets"):
-      compare.curve_budgets(config)
 
 
 def test_mean_interval_is_the_corrected_interval_of_the_mean():

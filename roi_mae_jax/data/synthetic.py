@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from roi_mae_jax import atlas as atlas_lib
 from roi_mae_jax import brain_maps
+from roi_mae_jax import config_validation
 from roi_mae_jax import errors
 from roi_mae_jax import grids
 from roi_mae_jax import patches as patches_lib
@@ -106,9 +107,9 @@ def apply_preset(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.Co
 
       apply_preset(config.data.synthetic, "realistic")
   """
-  if name not in PRESETS:
-    raise errors.InputError(f"unknown synthetic preset {name!r}; known: {', '.join(PRESETS)}")
-  cfg.update(PRESETS[name])
+  config_validation.refuse("synthetic_preset", name)
+  if name:  # '' keeps the block's effect
+    cfg.update(PRESETS[name])
   return cfg
 
 
@@ -139,8 +140,7 @@ class SyntheticFMRI:
   """Synthetic subjects on `on_grid` (an atlas resampled to the target grid)."""
 
   def __init__(self, on_grid: atlas_lib.Atlas, cfg: ml_collections.ConfigDict, seed: int):
-    if not 1 <= cfg.num_sites <= len(SITES):
-      raise errors.InputError(f"data.synthetic.num_sites must be 1..{len(SITES)}")
+    config_validation.refuse("synthetic.num_sites", cfg.num_sites)
     self.atlas = on_grid
     self.cfg = cfg
     self.seed = int(seed)
