@@ -166,8 +166,6 @@ def test_pallas_runs_under_shard_map_on_a_mesh(monkeypatch, heads, tensor):
 
 def test_bad_or_unavailable_kernels_are_input_errors():
   q, k, v, _ = _qkv(8)
-  with pytest.raises(errors.InputError, match="must be one of"):
-    attention.attend(q, k, v, implementation="flash")
   if jax.default_backend() == "cpu":
     with pytest.raises(errors.InputError, match="needs a GPU"):
       attention.attend(q, k, v, implementation="cudnn")

@@ -13,7 +13,6 @@ from conftest import load_config
 from test_brain_maps import assert_mni_nifti
 from roi_mae_jax import attribution
 from roi_mae_jax import classifier
-from roi_mae_jax import errors
 from roi_mae_jax import integrated_gradients as ig
 from roi_mae_jax import tasks
 from roi_mae_jax import pretrained as pretrained_lib
@@ -105,13 +104,6 @@ def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path, l
   head = classifier.LinearHead.load(str(tmp_path / "classifier_head.npz"))
   assert head.pool == config.pool and head.weight.shape == head.mean.shape
   assert head.layers == ((1,) if layers else None)  # the read-out the head was fitted on
-
-
-def test_bad_baseline_is_refused_before_work(tmp_path):
-  config = load_config("attribute", "test")
-  config.update(checkpoint="/nowhere", baseline="noise")
-  with pytest.raises(errors.InputError, match="baseline must be one of"):
-    tasks.run_task(config, str(tmp_path))
 
 
 def test_reconstruction_by_region_equals_dropping_the_region(pretrained_dir):

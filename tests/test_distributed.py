@@ -44,7 +44,6 @@ def test_layout_from_config_then_environment_then_cluster():
     (_cfg(coordinator="h:1", num_processes=2, process_id=2), {}, "process id 2 is outside 0..1"),
     (_cfg(), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
               "JAX_PROCESS_ID": "0"}, "must be integers"),
-    (_cfg(mode="mpi"), {}, "distributed.mode='mpi'"),
 ])
 def test_incomplete_or_wrong_layouts_are_named(cfg, env, message):
   with pytest.raises(errors.InputError, match=message):

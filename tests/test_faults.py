@@ -94,34 +94,7 @@ def test_overwrite_in_another_tasks_workdir_deletes_nothing(athena_dir, tmp_path
   assert (workdir / "config.json").read_text() == before
 
 
-# --- Config values, checked before any work -------------------------------------
-
-@pytest.mark.parametrize("key, value, message", [
-    ("log_every", 0, "config.log_every = 0 must be a whole number >= 1"),
-    ("checkpoint_every", 0, "config.checkpoint_every = 0 must be"),
-    ("batch_size", -1, "config.batch_size = -1 must be"),
-    ("total_steps", 0, "config.total_steps = 0 must be"),
-    ("optim.learning_rate", -1e-3, "config.optim.learning_rate = -0.001 must be a finite"),
-    ("keep_checkpoints", 0, "config.keep_checkpoints = 0 must be"),
-    ("frames", 40, "config.frames = 40 is longer than every synthetic run"),
-    ("mask.ratio", 1.0, "config.mask.ratio = 1.0 must be between 0 and 1"),
-])
-def test_bad_values_are_refused_before_any_work(tmp_path, key, value, message):
-  config = load_config("pretrain_aal3", "test")
-  block, _, name = key.rpartition(".")
-  (config[block] if block else config)[name] = value
-  with pytest.raises(errors.InputError) as info:
-    tasks.run_task(config, str(tmp_path / "run"))
-  assert message in str(info.value) and "\n" not in str(info.value)
-  assert not (tmp_path / "run" / "config.json").exists()
-
-
-def test_compare_checks_its_pretraining_block_too(tmp_path):
-  config = load_config("compare_masking", "test")
-  config.pretrain.log_every = 0
-  with pytest.raises(errors.InputError, match="config.pretrain.log_every = 0"):
-    tasks.run_task(config, str(tmp_path))
-
+# --- Config values (the rules: test_config_validation.py) -----------------------
 
 def test_cli_misspelt_key_and_bad_value_are_one_line_with_status_2(tmp_path):
   done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path}",

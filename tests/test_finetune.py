@@ -8,7 +8,6 @@ import pytest
 
 from conftest import load_config
 from roi_mae_jax import checkpoint as checkpoint_lib
-from roi_mae_jax import errors
 from roi_mae_jax import tasks
 from roi_mae_jax import pretrained as pretrained_lib
 
@@ -47,10 +46,3 @@ def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
     summary = json.loads((tmp_path / "attribution" / "attribution_summary.json").read_text())
     assert summary["classifier"]["kind"] == "fine-tuned" and summary["subjects"] == 24
     assert summary["completeness"]["relative_median"] < 0.05
-
-
-def test_bad_mode_is_an_input_error(tmp_path):
-  config = load_config("finetune", "test")
-  config.update(mode="partial", checkpoint="/nowhere")
-  with pytest.raises(errors.InputError, match="mode must be one of"):
-    tasks.run_task(config, str(tmp_path))

@@ -125,18 +125,10 @@ def test_options_bf16_norm_target_learned_positions_no_regions(setting):
   assert n_variant == n_base + learned - regions
 
 
-def test_bad_model_settings_are_input_errors(setting):
+def test_the_model_checks_its_block(setting):  # the rules: test_config_validation.py
   _, _, spec, _ = setting
-  with pytest.raises(ValueError, match="model.size"):
+  with pytest.raises(ValueError, match="model.size must be one of"):
     _model(spec, size="huge")
-  with pytest.raises(ValueError, match="pos_embedding"):
-    _model(spec, pos_embedding="rope")
-  with pytest.raises(ValueError, match="model.remat"):
-    _model(spec, remat="everything")
-  with pytest.raises(ValueError, match="model.attention must"):
-    _model(spec, attention="flash")
-  with pytest.raises(ValueError, match="model.attention_block"):
-    _model(spec, attention_block=0)
 
 
 def test_sincos_codes_are_distinct_per_patch(setting):

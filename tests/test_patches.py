@@ -79,13 +79,6 @@ def test_aal3_patch_map_threshold_and_volume(aal3_patch_map, small_grid):
   assert pm.regions[pm.region[patch]].hemisphere == "R"
 
 
-def test_bad_assignment_and_threshold(aal3_patch_map):
-  with pytest.raises(errors.InputError, match="assignment"):
-    patches_lib.build_patch_map(aal3_patch_map.atlas, 4, "median")
-  with pytest.raises(errors.InputError, match="brain_threshold"):
-    patches_lib.build_patch_map(aal3_patch_map.atlas, 4, brain_threshold=1.0)
-
-
 def test_cavity_open_to_the_outside_is_still_brain():
   """Like the ventricles, which open through the unlabelled brainstem."""
   toy = toy_atlas((16, 16, 16))

@@ -413,18 +413,6 @@ def test_confound_files_missing_censoring_or_short_are_scan_reasons(denoise_layo
     denoise.read_regressors(str(bad))
 
 
-def test_denoise_settings_are_checked_before_anything_runs(tmp_path):
-  bad = prepare_config(tmp_path, denoise=dict(apply="always", strategy="ica_aroma",
-                                              detrend=True, high_pass=0.2, low_pass=0.1),
-                       space="space-MNI152NLin6Asym")
-  with pytest.raises(errors.InputError) as raised:
-    tasks.run_task(bad, str(tmp_path / "out"))
-  for part in ("config.denoise.apply = 'always' must be one of 'auto', 'on', 'off'",
-               "config.denoise.strategy = 'ica_aroma' must be one of nilearn's",
-               "config.denoise.high_pass = 0.2 must be below config.denoise.low_pass = 0.1",
-               "config.space = 'space-MNI152NLin6Asym' must be a template name"):
-    assert part in str(raised.value)
-  assert not (tmp_path / "out" / "index.csv").exists()
 
 
 def test_denoise_clean_is_nilearns_clean_on_the_rows_with_data():

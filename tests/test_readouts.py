@@ -96,25 +96,12 @@ def test_encoder_features_from_chosen_layers_pool_each_layer_alone(pretrained_di
   assert tokens.shape[1:] == (2, 64) and regions.shape[1:] == (2, len(pre.pooled_regions), 64)
 
 
-def test_readout_names_and_layers_are_checked(tmp_path):
+def test_readout_names_and_layers_are_parsed():  # their rules: test_config_validation.py
   assert readouts.parse_layers("") is None
   assert readouts.parse_layers("1,2") == readouts.parse_layers("1+2") == (1, 2)
   assert readouts.parse_layers("all", depth=2) == (0, 1, 2)
-  for bad in ("3", "1,1", "x", "-1"):
-    with pytest.raises(errors.InputError, match="config.layers must list encoder blocks 0..2"):
-      readouts.parse_layers(bad, depth=2)
   assert readouts.readout_names("recon, encoder@0+2") == ["recon", "encoder@0+2"]
   assert [readouts.init_name(n) for n in ("recon", "encoder@1")] == ["init_recon", "init@1"]
-  for bad in ("recon,recon", "encoder@", "reconstruction"):
-    with pytest.raises(errors.InputError, match="config.readouts must list"):
-      readouts.readout_names(bad)
-  config = load_config("probe", "test")
-  config.update(checkpoint="/nowhere", readouts="recon,nope")
-  with pytest.raises(errors.InputError, match="config.readouts"):  # before the checkpoint
-    tasks.run_task(config, str(tmp_path))
-  config.update(readouts="", recon_rounds=0)
-  with pytest.raises(errors.InputError, match="recon_rounds"):
-    tasks.run_task(config, str(tmp_path))
 
 
 def test_region_draws_hide_each_region_once_per_round():
