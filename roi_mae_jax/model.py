@@ -41,11 +41,24 @@ from roi_mae_jax import sharding
 from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
-# name -> (width, depth, heads, decoder width, decoder depth, decoder heads)
-SIZES = {
-    "tiny": (64, 2, 2, 64, 1, 2),
-    "small": (384, 12, 6, 256, 4, 4),
-    "base": (768, 12, 12, 512, 4, 8),
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+  """The encoder's and the decoder's width, depth (blocks) and attention heads."""
+
+  width: int
+  depth: int
+  heads: int
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+
+
+# config.model.size -> ModelSize
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(64, 2, 2, decoder_width=64, decoder_depth=1, decoder_heads=2),
+    "small": ModelSize(384, 12, 6, decoder_width=256, decoder_depth=4, decoder_heads=4),
+    "base": ModelSize(768, 12, 12, decoder_width=512, decoder_depth=4, decoder_heads=8),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # model.remat -> what a block keeps for the backward pass (None: everything).
@@ -453,7 +466,8 @@ class MaskedAutoencoder(nnx.Module):
   def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
              target: platforms.Target):
     check_model_config(config)
-    width, depth, heads, d_width, d_depth, d_heads = SIZES[config.size]
+    size = SIZES[config.size]
+    width, d_width = size.width, size.decoder_width
     dtype = DTYPES[config.dtype]
     self.spec = spec
     self.dtype = dtype
@@ -464,12 +478,13 @@ class MaskedAutoencoder(nnx.Module):
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
                    if config.region_embedding else None)
-    self.encoder = Stack(depth, width, heads, config, rngs=rngs, target=target)
+    self.encoder = Stack(size.depth, width, size.heads, config, rngs=rngs, target=target)
     self.encoder_norm = _norm(rngs, width)
     self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype, target)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
-    self.decoder = Stack(d_depth, d_width, d_heads, config, rngs=rngs, target=target)
+    self.decoder = Stack(size.decoder_depth, d_width, size.decoder_heads, config, rngs=rngs,
+                         target=target)
     self.decoder_norm = _norm(rngs, d_width)
     self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
 
