@@ -29,16 +29,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-LAYER_NORM_EPSILON = 1e-6  # flax.nnx.LayerNorm's default, which the model's norms use
+# The model's nnx.LayerNorm modules are built with it too (model._layer_norm),
+# so `layer_norm` and their calls give the same numbers.
+LAYER_NORM_EPSILON = 1e-6
 
 
-def layer_norm(x, scale, bias, epsilon: float = LAYER_NORM_EPSILON):
-  """nnx.LayerNorm's arithmetic (float32, fast variance) over the last axis."""
+def layer_norm(x, scale, bias):
+  """nnx.LayerNorm's arithmetic (float32 statistics, fast variance) over the
+  last axis: the functional form the custom VJPs below recompute."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
   var = jnp.maximum(0.0, mean_square - jnp.square(mean))
-  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  return (x - mean) * (jax.lax.rsqrt(var + LAYER_NORM_EPSILON) * scale) + bias
 
 
 @jax.custom_vjp
@@ -85,7 +88,8 @@ def _matmul_backward(residuals, g):
 matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
-def _dense(x, w, b, dtype):
+def _affine(x, w, b, dtype):
+  """x @ w (+ b) in `dtype`; b may be None."""
   out = matmul(x.astype(dtype), w.astype(dtype))
   return out if b is None else out + b.astype(dtype)
 
@@ -99,18 +103,18 @@ def _after(x, signal):
   return jnp.where(probe == probe, x, jnp.zeros((), x.dtype))
 
 
-def _elementwise_dense(pre, x, pre_params, w, b, dtype):
-  return _dense(pre(x, *pre_params).astype(dtype), w, b, dtype)
+def _elementwise_affine(pre, x, pre_params, w, b, dtype):
+  return _affine(pre(x, *pre_params).astype(dtype), w, b, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def _recomputing(pre, x, pre_params, w, b, dtype):
   """pre(x, *pre_params) @ w (+ b), keeping x, not pre(x), for the backward pass."""
-  return _elementwise_dense(pre, x, pre_params, w, b, dtype)
+  return _elementwise_affine(pre, x, pre_params, w, b, dtype)
 
 
 def _recomputing_forward(pre, x, pre_params, w, b, dtype):
-  return _elementwise_dense(pre, x, pre_params, w, b, dtype), (x, pre_params, w, b)
+  return _elementwise_affine(pre, x, pre_params, w, b, dtype), (x, pre_params, w, b)
 
 
 def _recomputing_backward(pre, dtype, residuals, g):
@@ -121,9 +125,9 @@ def _recomputing_backward(pre, dtype, residuals, g):
   # recomputed activations and cotangents at once.
   x, pre_params, w, b = residuals
   a, pull_pre = jax.vjp(lambda x, p: pre(x, *p).astype(dtype), _after(x, g), pre_params)
-  _, pull_weights = jax.vjp(lambda w, b: _dense(a, w, b, dtype), w, b)
+  _, pull_weights = jax.vjp(lambda w, b: _affine(a, w, b, dtype), w, b)
   dw, db = pull_weights(g)
-  _, pull_input = jax.vjp(lambda a: _dense(a, w, b, dtype), a)
+  _, pull_input = jax.vjp(lambda a: _affine(a, w, b, dtype), a)
   da, = pull_input(g)
   dx, dpre_params = pull_pre(_after(da, dw))
   return dx, dpre_params, dw, db
@@ -132,18 +136,13 @@ def _recomputing_backward(pre, dtype, residuals, g):
 _recomputing.defvjp(_recomputing_forward, _recomputing_backward)
 
 
-def norm_dense(x, scale, bias, w, b, dtype, epsilon: float = LAYER_NORM_EPSILON):
+def norm_dense(x, scale, bias, w, b, dtype):
   """LN(x) @ w (+ b): layer norm in float32, matmul in `dtype`; b may be None.
 
   x (..., d), scale and bias (d,), w (d, f), b (f,) -> (..., f) in `dtype`.
   Backward keeps x and the parameters, not LN(x).
   """
-  return _recomputing(_norm_with(epsilon), x, (scale, bias), w, b, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _norm_with(epsilon: float):  # one function per epsilon: a static argument above
-  return functools.partial(layer_norm, epsilon=epsilon)
+  return _recomputing(layer_norm, x, (scale, bias), w, b, dtype)
 
 
 def gelu_dense(h, w, b, dtype):

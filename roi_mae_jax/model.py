@@ -176,7 +176,7 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
-def _dense(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
+def _linear_layer(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
                     dot_general=(_linear_dot_general if target.cpu_paths
                                  else jax.lax.dot_general),
@@ -194,10 +194,20 @@ def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
                              preferred_element_type=preferred_element_type, **kwargs)
 
 
-def _norm(rngs, width) -> nnx.LayerNorm:
-  return nnx.LayerNorm(width, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
+def _layer_norm(rngs, width) -> nnx.LayerNorm:
+  return nnx.LayerNorm(width, epsilon=fused_layers.LAYER_NORM_EPSILON, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)))
+
+
+def _raw_params(module: nnx.LayerNorm | nnx.Linear) -> tuple[jax.Array, jax.Array]:
+  """(scale, bias) of a LayerNorm, (kernel, bias) of a Linear, as arrays. The
+  CPU-only path (platforms) hands them to fused_layers instead of calling the
+  modules: its custom VJPs recompute layer norm and GELU in backward."""
+  if isinstance(module, nnx.LayerNorm):
+    return module.scale[...], module.bias[...]
+  return module.kernel[...], module.bias[...]
 
 
 class Attention(nnx.Module):
@@ -222,9 +232,8 @@ class Attention(nnx.Module):
     attention kernel picks each head out of them (see attention.attend_packed)."""
     w_qkv, w_out = self.qkv[...], self.out[...]
     if self.placement.cpu_paths:  # the norm recomputed in backward (fused_layers)
-      qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...],
-                                    w_qkv.reshape(w_qkv.shape[0], -1), None, self.dtype,
-                                    norm.epsilon)
+      qkv = fused_layers.norm_dense(x, *_raw_params(norm), w_qkv.reshape(w_qkv.shape[0], -1),
+                                    None, self.dtype)
       qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
     else:
       qkv = jnp.einsum("btw,wshd->btshd", norm(x).astype(self.dtype), w_qkv.astype(self.dtype))
@@ -244,12 +253,13 @@ class Block(nnx.Module):
   def __init__(self, width: int, heads: int, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
                target: platforms.Target):
     dtype = DTYPES[config.dtype]
-    self.norm1 = _norm(rngs, width)
+    self.norm1 = _layer_norm(rngs, width)
     self.attn = Attention(width, heads, dtype, _attention(config),
                           int(config.get("attention_block", 512)), rngs, target)
-    self.norm2 = _norm(rngs, width)
-    self.up = _dense(rngs, width, width * config.mlp_ratio, ("embed", "mlp"), dtype, target)
-    self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype, target)
+    self.norm2 = _layer_norm(rngs, width)
+    hidden = width * config.mlp_ratio
+    self.up = _linear_layer(rngs, width, hidden, ("embed", "mlp"), dtype, target)
+    self.down = _linear_layer(rngs, hidden, width, ("mlp", "embed"), dtype, target)
     self.dtype = dtype
     self.mlp_chunk = int(config.get("mlp_chunk", 0))
     self.placement = target
@@ -263,12 +273,10 @@ class Block(nnx.Module):
     if self.placement.cpu_paths:
       # Layer norm and GELU recomputed in backward (fused_layers): the backward
       # pass keeps the residual stream and the MLP's pre-activation only.
-      hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
-                                       self.up.kernel[...], self.up.bias[...], self.dtype,
-                                       self.norm2.epsilon)
+      hidden = fused_layers.norm_dense(x, *_raw_params(self.norm2), *_raw_params(self.up),
+                                       self.dtype)
       hidden = checkpoint_name(hidden, "mlp_hidden")
-      return fused_layers.gelu_dense(hidden, self.down.kernel[...], self.down.bias[...],
-                                     self.dtype)
+      return fused_layers.gelu_dense(hidden, *_raw_params(self.down), self.dtype)
     hidden = checkpoint_name(self.up(self.norm2(x).astype(self.dtype)), "mlp_hidden")
     return self.down(jax.nn.gelu(hidden))
 
@@ -277,8 +285,7 @@ def _batch_sharded(x, target: platforms.Target):
   """x (B, ...) constrained to batch over data x fsdp, the rest replicated, as
   MaxText constrains its activations. Without it XLA may keep an activation
   sharded like the fsdp-sharded weight it meets (over 'embed') and all-reduce
-  partial products of every matmul instead of gathering the weights (an 8-GPU
-  FSDP step: 237 GiB of all-reduce per step)."""
+  partial products of every matmul instead of gathering the weights."""
   mesh = target.mesh
   if mesh is None or mesh.size == 1:
     return x
@@ -474,19 +481,19 @@ class MaskedAutoencoder(nnx.Module):
     self.placement = target
     self.norm_target = bool(config.norm_target)
     self.centre_target = bool(config.get("centre_target", False))
-    self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
+    self.embed = _linear_layer(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
                    if config.region_embedding else None)
     self.encoder = Stack(size.depth, width, size.heads, config, rngs=rngs, target=target)
-    self.encoder_norm = _norm(rngs, width)
-    self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype, target)
+    self.encoder_norm = _layer_norm(rngs, width)
+    self.to_decoder = _linear_layer(rngs, width, d_width, ("embed", "mlp"), dtype, target)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
     self.decoder = Stack(size.decoder_depth, d_width, size.decoder_heads, config, rngs=rngs,
                          target=target)
-    self.decoder_norm = _norm(rngs, d_width)
-    self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
+    self.decoder_norm = _layer_norm(rngs, d_width)
+    self.head = _linear_layer(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
 
   def token_codes(self):
     """(N, width) position (+ region) code added to every token."""
