@@ -86,7 +86,7 @@ def _attention(what: str, kernel: str, batch: int, tokens: int, heads: int, head
   count = layers * (batch * heads // group if kernel == "dense" else 1)
   vec, mat = (group, tokens, head_dim), (group, tokens, tokens)
   forward = [("logits", "nqd,nkd->nqk", vec, vec), ("weights x values", "nqk,nkd->nqd", mat, vec)]
-  if kernel == "dense":  # keys by queries (attention._dense_bwd_one)
+  if kernel == "dense":  # keys by queries (attention._group_bwd)
     backward = [("logits recomputed", "nkd,nqd->nkq", vec, vec),
                 ("dV", "nkq,nqd->nkd", mat, vec), ("dP", "nkd,nqd->nkq", vec, vec),
                 ("dK", "nkq,nqd->nkd", mat, vec), ("dQ", "nkq,nkd->nqd", mat, vec)]
