@@ -1,25 +1,25 @@
-"""The model's dense arithmetic: layer norm -> dense and GELU -> dense whose
-backward recomputes the cheap elementwise half instead of keeping it, and the
-matmul of every dense layer (float32 or bfloat16).
+"""The model's layers for CPUs (see platforms): layer norm -> dense and GELU ->
+dense whose backward recomputes the cheap elementwise half instead of keeping
+it, the matmul of every dense layer (float32 or bfloat16), and a scan over
+stacked layers that keeps only each layer's input.
 
 Autodiff of a pre-norm block keeps, per block, the layer norm's outputs (the
 inputs of the qkv and MLP-up matmuls) and GELU's output (the input of the
-MLP-down matmul) besides the tensors they are computed from: 12 of the 32 MB
-an encoder block of the small model holds for the backward pass at batch 2.
-These two functions keep only the inputs (the residual stream, the MLP's
-pre-activation) and recompute layer norm and GELU in the backward pass, which
-costs elementwise work only; no matmul is recomputed.
+MLP-down matmul) besides the tensors they are computed from: a large share of
+what a block holds for the backward pass. These two functions keep only the
+inputs (the residual stream, the MLP's pre-activation) and recompute layer
+norm and GELU in the backward pass, which costs elementwise work only; no
+matmul is recomputed.
 
     h = norm_dense(x, scale, bias, w_up, b_up, dtype=jnp.float32)   # LN(x) @ w + b
     y = gelu_dense(h, w_down, b_down, dtype=jnp.float32)            # gelu(h) @ w + b
     z = matmul(y, w_out)   # any dense layer: its weight gradient in XLA's fastest form
+    y = recomputed_layers(apply, stacked_params, x, key_valid)      # remat=block, scanned
 
 The backward pass runs in a fixed order within each call (see
 `_recomputing_backward`): XLA drops optimisation barriers before it schedules,
 and without the order its scheduler holds every layer's recomputed arrays and
-cotangents at once, which costs more memory than the recomputation saves. With
-it, the demo model's train step needs 495 instead of 707 MiB of temporaries on
-a CPU, at the same step time.
+cotangents at once, which costs more memory than the recomputation saves.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from roi_mae_jax import scan_slices
 
 # The model's nnx.LayerNorm modules are built with it too (model._layer_norm),
 # so `layer_norm` and their calls give the same numbers.
@@ -51,12 +53,11 @@ def matmul(x, w):
   matmul on a GPU or TPU).
 
   Its backward picks the form of w's gradient that XLA's CPU backend runs
-  fastest inside the train step (measured on the small model, in turns in one
-  process). Autodiff takes g^T x over the leading axes and transposes the
-  result, which XLA turns into a transposed copy of the cotangent and a slower
-  matmul; for float32, one matmul over the flattened tokens is 6% faster per
-  step (2.29 -> 2.15 s), while for bfloat16 that form goes through float32
-  copies and the contraction over the leading axes as they are is 14% faster.
+  fastest inside the train step. Autodiff takes g^T x over the leading axes
+  and transposes the result, which XLA turns into a transposed copy of the
+  cotangent and a slower matmul; for float32, one matmul over the flattened
+  tokens is faster, while for bfloat16 that form goes through float32 copies
+  and the contraction over the leading axes as they are is faster.
   bfloat16 operands stay bfloat16 with float32 accumulation in every matmul:
   XLA's CPU backend runs those natively (AMX / AVX-512 BF16), where a
   bfloat16-output matmul, or one with a float32 cotangent, goes through
@@ -151,3 +152,35 @@ def gelu_dense(h, w, b, dtype):
   Backward keeps h and the parameters, not gelu(h).
   """
   return _recomputing(jax.nn.gelu, h, (), w, b, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def recomputed_layers(apply, params, x, key_valid):
+  """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
+  `params`, as a scan that keeps only each layer's input for the backward pass,
+  which recomputes the layer from it (the model's `remat=block` with scanned
+  layers). Written out, not jax.checkpoint inside nnx.scan: the saved inputs
+  stay in the compute dtype (see `scan_slices`)."""
+  return _layers_forward(apply, params, x, key_valid)[0]
+
+
+def _layers_forward(apply, params, x, key_valid):
+  def layer(h, p):
+    return apply(p, h, key_valid), scan_slices.packed(h)
+  y, saved = jax.lax.scan(layer, x, params)
+  return y, (params, saved, key_valid)
+
+
+def _layers_backward(apply, residuals, dy):
+  params, saved, key_valid = residuals
+
+  def layer(g, ps):  # recompute one layer from its input, then pull g back
+    p, s = ps
+    _, pull = jax.vjp(lambda p, h: apply(p, h, key_valid), p, scan_slices.unpacked(s, dy.dtype))
+    dp, dh = pull(g)
+    return dh, dp
+  dx, dparams = jax.lax.scan(layer, dy, (params, saved), reverse=True)
+  return dparams, dx, None
+
+
+recomputed_layers.defvjp(_layers_forward, _layers_backward)

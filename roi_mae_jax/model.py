@@ -21,7 +21,6 @@ named checkpoint policies and `nnx.scan`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -38,7 +37,6 @@ from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import platforms
 from roi_mae_jax import sharding
-from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
 
@@ -376,7 +374,7 @@ class Stack(nnx.Module):
     if self.remat == "block" and self.cpu_paths:
       graphdef, params = nnx.split(blocks)
       apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
-      return _recomputed_layers(apply, params, x, key_valid)
+      return fused_layers.recomputed_layers(apply, params, x, key_valid)
 
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def layers(block, h):
@@ -395,37 +393,6 @@ def check_layers(layers, depth: int) -> None:
   if bad or not len(layers):
     raise errors.InputError(f"encoder layers must be 0..{depth} (0: the embedded tokens, "
                             f"{depth}: the encoder's output), got {tuple(layers)!r}")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputed_layers(apply, params, x, key_valid):
-  """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
-  `params`, as a scan that keeps only each layer's input for the backward pass
-  (`remat=block` with scanned layers). Written out, not jax.checkpoint inside
-  nnx.scan: the saved inputs stay in the compute dtype (see `scan_slices`)."""
-  return _layers_forward(apply, params, x, key_valid)[0]
-
-
-def _layers_forward(apply, params, x, key_valid):
-  def layer(h, p):
-    return apply(p, h, key_valid), scan_slices.packed(h)
-  y, saved = jax.lax.scan(layer, x, params)
-  return y, (params, saved, key_valid)
-
-
-def _layers_backward(apply, residuals, dy):
-  params, saved, key_valid = residuals
-
-  def layer(g, ps):  # recompute one layer from its input, then pull g back
-    p, s = ps
-    _, pull = jax.vjp(lambda p, h: apply(p, h, key_valid), p, scan_slices.unpacked(s, dy.dtype))
-    dp, dh = pull(g)
-    return dh, dp
-  dx, dparams = jax.lax.scan(layer, dy, (params, saved), reverse=True)
-  return dparams, dx, None
-
-
-_recomputed_layers.defvjp(_layers_forward, _layers_backward)
 
 
 class Positions(nnx.Module):
