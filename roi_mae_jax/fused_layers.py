@@ -25,6 +25,7 @@ cotangents at once, which costs more memory than the recomputation saves.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from roi_mae_jax import scan_slices
 LAYER_NORM_EPSILON = 1e-6
 
 
-def layer_norm(x, scale, bias):
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
   """nnx.LayerNorm's arithmetic (float32 statistics, fast variance) over the
   last axis: the functional form the custom VJPs below recompute."""
   x = x.astype(jnp.float32)
@@ -47,7 +48,7 @@ def layer_norm(x, scale, bias):
 
 
 @jax.custom_vjp
-def matmul(x, w):
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x (..., n) @ w (n, m) in x's dtype, accumulated in float32: the model's
   dense layers, float32 or bfloat16 (then rounded to bfloat16, as a bfloat16
   matmul on a GPU or TPU).
@@ -137,7 +138,8 @@ def _recomputing_backward(pre, dtype, residuals, g):
 _recomputing.defvjp(_recomputing_forward, _recomputing_backward)
 
 
-def norm_dense(x, scale, bias, w, b, dtype):
+def norm_dense(x: jax.Array, scale: jax.Array, bias: jax.Array, w: jax.Array,
+               b: jax.Array | None, dtype) -> jax.Array:
   """LN(x) @ w (+ b): layer norm in float32, matmul in `dtype`; b may be None.
 
   x (..., d), scale and bias (d,), w (d, f), b (f,) -> (..., f) in `dtype`.
@@ -146,7 +148,7 @@ def norm_dense(x, scale, bias, w, b, dtype):
   return _recomputing(layer_norm, x, (scale, bias), w, b, dtype)
 
 
-def gelu_dense(h, w, b, dtype):
+def gelu_dense(h: jax.Array, w: jax.Array, b: jax.Array | None, dtype) -> jax.Array:
   """gelu(h) @ w (+ b) in `dtype` (GELU's tanh form, as jax.nn.gelu); b may be None.
 
   Backward keeps h and the parameters, not gelu(h).
@@ -155,7 +157,8 @@ def gelu_dense(h, w, b, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def recomputed_layers(apply, params, x, key_valid):
+def recomputed_layers(apply: Callable, params: Any, x: jax.Array,
+                      key_valid: jax.Array | None) -> jax.Array:
   """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
   `params`, as a scan that keeps only each layer's input for the backward pass,
   which recomputes the layer from it (the model's `remat=block` with scanned

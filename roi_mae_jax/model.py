@@ -175,6 +175,7 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
 
 
 def _linear_layer(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
+  """x @ W + b in `dtype` with float32 parameters named for sharding."""
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
                     dot_general=(_linear_dot_general if target.cpu_paths
                                  else jax.lax.dot_general),
@@ -193,6 +194,7 @@ def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 
 def _layer_norm(rngs, width) -> nnx.LayerNorm:
+  """Layer norm in float32, with the epsilon fused_layers.layer_norm uses."""
   return nnx.LayerNorm(width, epsilon=fused_layers.LAYER_NORM_EPSILON, dtype=jnp.float32,
                        param_dtype=jnp.float32, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
