@@ -183,7 +183,7 @@ def dense_packed(qkv, key_valid=None, heads_per_step: int = 0):
   group = heads_per_step or heads_per_step_for(qkv.shape[3], qkv.shape[1])
   if qkv.shape[3] % group:
     raise errors.InputError(f"{group} heads per step do not divide {qkv.shape[3]} heads")
-  return _dense(qkv, valid, group)
+  return _dense_attention(qkv, valid, group)
 
 
 # One loop step's float32 logits stay under this: bigger steps are fewer (a loop
@@ -215,7 +215,7 @@ def _rows(x):
   return jnp.swapaxes(x, 0, 1)[None]
 
 
-def _dense_one(q, k, v, valid):
+def _group_fwd(q, k, v, valid):
   """Heads (n, T, D) x 3, valid (T,) or None -> (out, row max m, row sums l)."""
   p, m = _weights(q, k, valid)
   l = p.sum(-1)  # (n, T)
@@ -249,17 +249,17 @@ def _over_heads(qkv, valid, group, body, init):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(qkv, valid, group):
+def _dense_attention(qkv, valid, group):
   """qkv (B, T, 3, H, D), valid (B, T) or None -> (B, T, H, D)."""
-  return _dense_fwd(qkv, valid, group)[0]
+  return _dense_attention_fwd(qkv, valid, group)[0]
 
 
-def _dense_fwd(qkv, valid, group):
+def _dense_attention_fwd(qkv, valid, group):
   batch, t, _, heads, d = qkv.shape
 
   def body(b, h, q, k, v, valid_b, i, carry):
     out, m, l = carry
-    o, m_i, l_i = _dense_one(q, k, v, valid_b)
+    o, m_i, l_i = _group_fwd(q, k, v, valid_b)
     out = jax.lax.dynamic_update_slice(out, _rows(o), (b, 0, h, 0))
     m = jax.lax.dynamic_update_index_in_dim(m, m_i, i, 0)
     l = jax.lax.dynamic_update_index_in_dim(l, l_i, i, 0)
@@ -270,7 +270,7 @@ def _dense_fwd(qkv, valid, group):
   return out, (qkv, valid, out, m, l)
 
 
-def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
+def _group_bwd(q, k, v, valid, out, m, l, d_out):
   """Heads' dq, dk, dv. The weights are recomputed (as FlashAttention) keys by
   queries, P^T = exp((k q^T - m) x scale) / l: then dV = P^T dO, dP^T = v dO^T
   and dK = dS^T q take their operands as stored, and only dQ = (dS^T)^T k reads
@@ -293,19 +293,19 @@ def _dense_bwd_one(q, k, v, valid, out, m, l, d_out):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _dense_bwd(group, residuals, d_out):
+def _dense_attention_bwd(group, residuals, d_out):
   qkv, valid, out, m, l = residuals
 
   def body(b, h, q, k, v, valid_b, i, d_qkv):
-    grads = _dense_bwd_one(q, k, v, valid_b, _heads(out, b, h, group), m[i], l[i],
-                           _heads(d_out, b, h, group))
+    grads = _group_bwd(q, k, v, valid_b, _heads(out, b, h, group), m[i], l[i],
+                       _heads(d_out, b, h, group))
     for s, g in enumerate(grads):
       d_qkv = jax.lax.dynamic_update_slice(d_qkv, _rows(g)[:, :, None], (b, 0, s, h, 0))
     return d_qkv
   return _over_heads(qkv, valid, group, body, jnp.zeros_like(qkv)), None
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+_dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
 
 
 # The Pallas TPU kernel's tiles: 512 tokens (as MaxText's defaults) where the

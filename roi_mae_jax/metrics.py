@@ -115,8 +115,8 @@ def peak_rss_mib() -> float:
 
 def release_freed_host_memory() -> None:
   """Hands the heap the compiler freed back to the OS (glibc's malloc_trim), so
-  that it does not count in the peak RSS of the steps that follow (~260 MiB for
-  the small model); a no-op where glibc is absent."""
+  that it does not count in the peak RSS of the steps that follow; a no-op
+  where glibc is absent."""
   gc.collect()  # first, so that Python's garbage (lowering, traces) is freed too
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -21,7 +21,6 @@ named checkpoint policies and `nnx.scan`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -39,14 +38,26 @@ from roi_mae_jax import masking
 from roi_mae_jax import patches as patches_lib
 from roi_mae_jax import platforms
 from roi_mae_jax import sharding
-from roi_mae_jax import scan_slices
 from roi_mae_jax import tokens as tokens_lib
 
-# name -> (width, depth, heads, decoder width, decoder depth, decoder heads)
-SIZES = {
-    "tiny": (64, 2, 2, 64, 1, 2),
-    "small": (384, 12, 6, 256, 4, 4),
-    "base": (768, 12, 12, 512, 4, 8),
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+  """The encoder's and the decoder's width, depth (blocks) and attention heads."""
+
+  width: int
+  depth: int
+  heads: int
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+
+
+# config.model.size -> ModelSize
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(64, 2, 2, decoder_width=64, decoder_depth=1, decoder_heads=2),
+    "small": ModelSize(384, 12, 6, decoder_width=256, decoder_depth=4, decoder_heads=4),
+    "base": ModelSize(768, 12, 12, decoder_width=512, decoder_depth=4, decoder_heads=8),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # model.remat -> what a block keeps for the backward pass (None: everything).
@@ -141,7 +152,8 @@ def _param(rngs: nnx.Rngs, shape, names, scale: float | None = None,
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
-def _dense(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
+def _linear_layer(rngs, d_in, d_out, names, dtype, target: platforms.Target) -> nnx.Linear:
+  """x @ W + b in `dtype` with float32 parameters named for sharding."""
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
                     dot_general=(_linear_dot_general if target.cpu_paths
                                  else jax.lax.dot_general),
@@ -159,10 +171,21 @@ def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None,
                              preferred_element_type=preferred_element_type, **kwargs)
 
 
-def _norm(rngs, width) -> nnx.LayerNorm:
-  return nnx.LayerNorm(width, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
+def _layer_norm(rngs, width) -> nnx.LayerNorm:
+  """Layer norm in float32, with the epsilon fused_layers.layer_norm uses."""
+  return nnx.LayerNorm(width, epsilon=fused_layers.LAYER_NORM_EPSILON, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)))
+
+
+def _raw_params(module: nnx.LayerNorm | nnx.Linear) -> tuple[jax.Array, jax.Array]:
+  """(scale, bias) of a LayerNorm, (kernel, bias) of a Linear, as arrays. The
+  CPU-only path (platforms) hands them to fused_layers instead of calling the
+  modules: its custom VJPs recompute layer norm and GELU in backward."""
+  if isinstance(module, nnx.LayerNorm):
+    return module.scale[...], module.bias[...]
+  return module.kernel[...], module.bias[...]
 
 
 class Attention(nnx.Module):
@@ -187,9 +210,8 @@ class Attention(nnx.Module):
     attention kernel picks each head out of them (see attention.attend_packed)."""
     w_qkv, w_out = self.qkv[...], self.out[...]
     if self.placement.cpu_paths:  # the norm recomputed in backward (fused_layers)
-      qkv = fused_layers.norm_dense(x, norm.scale[...], norm.bias[...],
-                                    w_qkv.reshape(w_qkv.shape[0], -1), None, self.dtype,
-                                    norm.epsilon)
+      qkv = fused_layers.norm_dense(x, *_raw_params(norm), w_qkv.reshape(w_qkv.shape[0], -1),
+                                    None, self.dtype)
       qkv = qkv.reshape(*x.shape[:2], *w_qkv.shape[1:])
     else:
       qkv = jnp.einsum("btw,wshd->btshd", norm(x).astype(self.dtype), w_qkv.astype(self.dtype))
@@ -209,12 +231,13 @@ class Block(nnx.Module):
   def __init__(self, width: int, heads: int, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
                target: platforms.Target):
     dtype = DTYPES[config.dtype]
-    self.norm1 = _norm(rngs, width)
+    self.norm1 = _layer_norm(rngs, width)
     self.attn = Attention(width, heads, dtype, _attention(config),
                           int(config.get("attention_block", 512)), rngs, target)
-    self.norm2 = _norm(rngs, width)
-    self.up = _dense(rngs, width, width * config.mlp_ratio, ("embed", "mlp"), dtype, target)
-    self.down = _dense(rngs, width * config.mlp_ratio, width, ("mlp", "embed"), dtype, target)
+    self.norm2 = _layer_norm(rngs, width)
+    hidden = width * config.mlp_ratio
+    self.up = _linear_layer(rngs, width, hidden, ("embed", "mlp"), dtype, target)
+    self.down = _linear_layer(rngs, hidden, width, ("mlp", "embed"), dtype, target)
     self.dtype = dtype
     self.mlp_chunk = int(config.get("mlp_chunk", 0))
     self.placement = target
@@ -228,12 +251,10 @@ class Block(nnx.Module):
     if self.placement.cpu_paths:
       # Layer norm and GELU recomputed in backward (fused_layers): the backward
       # pass keeps the residual stream and the MLP's pre-activation only.
-      hidden = fused_layers.norm_dense(x, self.norm2.scale[...], self.norm2.bias[...],
-                                       self.up.kernel[...], self.up.bias[...], self.dtype,
-                                       self.norm2.epsilon)
+      hidden = fused_layers.norm_dense(x, *_raw_params(self.norm2), *_raw_params(self.up),
+                                       self.dtype)
       hidden = checkpoint_name(hidden, "mlp_hidden")
-      return fused_layers.gelu_dense(hidden, self.down.kernel[...], self.down.bias[...],
-                                     self.dtype)
+      return fused_layers.gelu_dense(hidden, *_raw_params(self.down), self.dtype)
     hidden = checkpoint_name(self.up(self.norm2(x).astype(self.dtype)), "mlp_hidden")
     return self.down(jax.nn.gelu(hidden))
 
@@ -242,8 +263,7 @@ def _batch_sharded(x, target: platforms.Target):
   """x (B, ...) constrained to batch over data x fsdp, the rest replicated, as
   MaxText constrains its activations. Without it XLA may keep an activation
   sharded like the fsdp-sharded weight it meets (over 'embed') and all-reduce
-  partial products of every matmul instead of gathering the weights (an 8-GPU
-  FSDP step: 237 GiB of all-reduce per step)."""
+  partial products of every matmul instead of gathering the weights."""
   mesh = target.mesh
   if mesh is None or mesh.size == 1:
     return x
@@ -334,7 +354,7 @@ class Stack(nnx.Module):
     if self.remat == "block" and self.cpu_paths:
       graphdef, params = nnx.split(blocks)
       apply = lambda p, h, valid: nnx.merge(graphdef, p)(h, valid)
-      return _recomputed_layers(apply, params, x, key_valid)
+      return fused_layers.recomputed_layers(apply, params, x, key_valid)
 
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def layers(block, h):
@@ -353,37 +373,6 @@ def check_layers(layers, depth: int) -> None:
   if bad or not len(layers):
     raise errors.InputError(f"encoder layers must be 0..{depth} (0: the embedded tokens, "
                             f"{depth}: the encoder's output), got {tuple(layers)!r}")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputed_layers(apply, params, x, key_valid):
-  """x through `apply(params[i], x, key_valid)` for each layer i of the stacked
-  `params`, as a scan that keeps only each layer's input for the backward pass
-  (`remat=block` with scanned layers). Written out, not jax.checkpoint inside
-  nnx.scan: the saved inputs stay in the compute dtype (see `scan_slices`)."""
-  return _layers_forward(apply, params, x, key_valid)[0]
-
-
-def _layers_forward(apply, params, x, key_valid):
-  def layer(h, p):
-    return apply(p, h, key_valid), scan_slices.packed(h)
-  y, saved = jax.lax.scan(layer, x, params)
-  return y, (params, saved, key_valid)
-
-
-def _layers_backward(apply, residuals, dy):
-  params, saved, key_valid = residuals
-
-  def layer(g, ps):  # recompute one layer from its input, then pull g back
-    p, s = ps
-    _, pull = jax.vjp(lambda p, h: apply(p, h, key_valid), p, scan_slices.unpacked(s, dy.dtype))
-    dp, dh = pull(g)
-    return dh, dp
-  dx, dparams = jax.lax.scan(layer, dy, (params, saved), reverse=True)
-  return dparams, dx, None
-
-
-_recomputed_layers.defvjp(_layers_forward, _layers_backward)
 
 
 class Positions(nnx.Module):
@@ -431,25 +420,27 @@ class MaskedAutoencoder(nnx.Module):
   def _build(self, spec: TokenSpec, config: ml_collections.ConfigDict, rngs: nnx.Rngs,
              target: platforms.Target):
     config_validation.validate(config, where="model")
-    width, depth, heads, d_width, d_depth, d_heads = SIZES[config.size]
+    size = SIZES[config.size]
+    width, d_width = size.width, size.decoder_width
     dtype = DTYPES[config.dtype]
     self.spec = spec
     self.dtype = dtype
     self.placement = target
     self.norm_target = bool(config.norm_target)
     self.centre_target = bool(config.get("centre_target", False))
-    self.embed = _dense(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
+    self.embed = _linear_layer(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
                    if config.region_embedding else None)
-    self.encoder = Stack(depth, width, heads, config, rngs=rngs, target=target)
-    self.encoder_norm = _norm(rngs, width)
-    self.to_decoder = _dense(rngs, width, d_width, ("embed", "mlp"), dtype, target)
+    self.encoder = Stack(size.depth, width, size.heads, config, rngs=rngs, target=target)
+    self.encoder_norm = _layer_norm(rngs, width)
+    self.to_decoder = _linear_layer(rngs, width, d_width, ("embed", "mlp"), dtype, target)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
-    self.decoder = Stack(d_depth, d_width, d_heads, config, rngs=rngs, target=target)
-    self.decoder_norm = _norm(rngs, d_width)
-    self.head = _dense(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
+    self.decoder = Stack(size.decoder_depth, d_width, size.decoder_heads, config, rngs=rngs,
+                         target=target)
+    self.decoder_norm = _layer_norm(rngs, d_width)
+    self.head = _linear_layer(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
 
   def token_codes(self):
     """(N, width) position (+ region) code added to every token."""

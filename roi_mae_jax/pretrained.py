@@ -58,7 +58,7 @@ class Pretrained:
   @property
   def depth(self) -> int:
     """Encoder blocks: `layers` may name 0 (the embedded tokens) .. depth (the output)."""
-    return model_lib.SIZES[self.config.model.size][1]
+    return model_lib.SIZES[self.config.model.size].depth
 
   def encode(self, params, windows: jax.Array, layers: tuple[int, ...] | None = None
              ) -> jax.Array:

@@ -153,10 +153,9 @@ class TrainSetup:
         compiled, facts = setup.compile(state, batch)
         state, metrics = compiled(state, batch)   # state is donated
 
-    jit's own trace of the step, init's executable (~60 MiB for the small
-    model; a later `init()` compiles it again) and the heap that compiling and
-    analysing freed are let go, so they do not add to the host memory of the
-    steps."""
+    jit's own trace of the step, init's executable (a later `init()` compiles
+    it again) and the heap that compiling and analysing freed are let go, so
+    they do not add to the host memory of the steps."""
     self._init.clear_cache()  # first: compiling reuses what it held
     compiled = self.step.lower(state, batch).compile()
     self.step.clear_cache()
@@ -174,9 +173,8 @@ class TrainSetup:
 
 def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
   """XLA options for the step on `mesh`'s platform. On CPUs, the scheduler that
-  orders work to keep fewer buffers alive (the demo model's step: 707 instead
-  of 796 MiB of temporaries at the same speed, before fused_layers; XLA's
-  default CPU scheduler orders for concurrency on many cores)."""
+  orders work to keep fewer buffers alive, for fewer temporaries at the same
+  speed (XLA's default CPU scheduler orders for concurrency on many cores)."""
   if mesh.devices.flat[0].platform == "cpu":
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
   return None

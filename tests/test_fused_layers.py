@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from roi_mae_jax import fused_layers
+from roi_mae_jax import model as model_lib
 from roi_mae_jax import train_step
 
 DEPTH, TOKENS, WIDTH, HIDDEN = 8, 1024, 64, 256
@@ -55,14 +56,17 @@ def test_values_and_gradients_equal_plain_autodiff(with_bias):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(w))))
 
 
-def test_layer_norm_matches_flax():
+def test_layer_norm_matches_the_models_flax_layer_norm():
   from flax import nnx
-  norm = nnx.LayerNorm(WIDTH, rngs=nnx.Rngs(0))
+  with nnx.use_eager_sharding(False):  # no mesh: parameters unplaced
+    norm = model_lib._layer_norm(nnx.Rngs(0), WIDTH)
+  assert norm.epsilon == fused_layers.LAYER_NORM_EPSILON
   norm.scale[...] = jnp.linspace(0.5, 1.5, WIDTH)
   norm.bias[...] = jnp.linspace(-0.2, 0.2, WIDTH)
-  x = 3.0 + jax.random.normal(jax.random.key(2), (5, WIDTH))
-  np.testing.assert_allclose(fused_layers.layer_norm(x, norm.scale[...], norm.bias[...],
-                                                     norm.epsilon), norm(x), rtol=1e-6, atol=1e-6)
+  for spread in (1.0, 0.01):  # small variance: the epsilon shows
+    x = 3.0 + spread * jax.random.normal(jax.random.key(2), (5, WIDTH))
+    np.testing.assert_allclose(fused_layers.layer_norm(x, norm.scale[...], norm.bias[...]),
+                               norm(x), rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_gradients_near_plain_autodiff():

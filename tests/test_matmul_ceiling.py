@@ -27,7 +27,9 @@ def test_the_listed_forward_matmuls_are_the_flops_mfu_counts(size, kernel):
 
   # Backward: twice the forward, less the patch embedding's input gradient
   # (the windows are data), plus `dense`'s recomputed logits.
-  width, depth, heads, d_width, d_depth, d_heads = model_lib.SIZES[size]
+  dims = model_lib.SIZES[size]
+  width, depth, heads = dims.width, dims.depth, dims.heads
+  d_width, d_depth, d_heads = dims.decoder_width, dims.decoder_depth, dims.decoder_heads
   embedding_input_grad = 2 * batch * keep * spec.token_dim * width
   recomputed = 0
   if kernel == "dense":

@@ -119,9 +119,9 @@ def test_options_bf16_norm_target_learned_positions_no_regions(setting):
   assert {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
   assert out["encoded"].dtype == jnp.float32  # layer norm output stays float32
   n_variant = sum(x.size for x in jax.tree.leaves(params))
-  width, d_width = model_lib.SIZES["tiny"][0], model_lib.SIZES["tiny"][3]
-  learned = (spec.num_patches + spec.num_time) * (width + d_width)
-  regions = (spec.num_regions + 1) * width
+  tiny = model_lib.SIZES["tiny"]
+  learned = (spec.num_patches + spec.num_time) * (tiny.width + tiny.decoder_width)
+  regions = (spec.num_regions + 1) * tiny.width
   assert n_variant == n_base + learned - regions
 
 
@@ -193,7 +193,8 @@ def test_remat_scan_and_chunked_attention_keep_loss_and_gradients(setting, refer
   same = model_lib.stack_layers(params) if scan else params
   loss, grads = _loss_and_grads(spec, sampler, same, **overrides)
   if scan:
-    depths = {"encoder": model_lib.SIZES["tiny"][1], "decoder": model_lib.SIZES["tiny"][4]}
+    tiny = model_lib.SIZES["tiny"]
+    depths = {"encoder": tiny.depth, "decoder": tiny.decoder_depth}
     grads = model_lib.unstack_layers(grads, depths)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -207,7 +208,7 @@ def test_scanned_layers_stack_the_parameters_of_each_block(setting):
   _, _, spec, _ = setting
   plain = nnx.to_pure_dict(nnx.state(_model(spec), nnx.Param))
   scanned = nnx.state(_model(spec, scan=True), nnx.Param)
-  depth = model_lib.SIZES["tiny"][1]
+  depth = model_lib.SIZES["tiny"].depth
   assert scanned["encoder"]["blocks"]["up"]["kernel"].shape == (depth, 64, 256)
   spec_names = nnx.get_partition_spec(scanned)["encoder"]["blocks"]["up"]["kernel"].get_value()
   assert tuple(spec_names) == ("layers", "embed", "mlp")

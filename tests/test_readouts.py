@@ -59,7 +59,7 @@ def test_intermediate_layers_agree_on_every_code_path(spec, overrides):
   cfg = model_lib.model_config("tiny")
   plain = nnx.to_pure_dict(nnx.state(model_lib.MaskedAutoencoder(spec, cfg, rngs=nnx.Rngs(0)),
                                      nnx.Param))
-  depth = model_lib.SIZES["tiny"][1]
+  depth = model_lib.SIZES["tiny"].depth
   want, encoded = _layers_of(spec, plain, (0, 1, depth))
   np.testing.assert_allclose(want[-1], encoded, atol=1e-6)  # the last is encode's output
   assert want.shape == (3, 2, spec.num_tokens, 64)

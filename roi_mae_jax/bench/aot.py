@@ -126,14 +126,13 @@ def _analysis(compiled) -> dict:
 
 def kernels(config, parts: build.Parts, platform: str, batch_per_shard: int) -> dict:
   """The attention kernel each stack takes on `platform` (what `auto` means there)."""
-  width, _, heads, _, _, d_heads = model_lib.SIZES[config.model.size]
-  del width
+  size = model_lib.SIZES[config.model.size]
   dtype = model_lib.DTYPES[config.model.dtype]
   kind = config.model.attention or "auto"
   return {"encoder": attention_lib.choose(kind, platform, dtype, batch_per_shard,
-                                          parts.sampler.num_keep, heads),
+                                          parts.sampler.num_keep, size.heads),
           "decoder": attention_lib.choose(kind, platform, dtype, batch_per_shard,
-                                          parts.spec.num_tokens, d_heads)}
+                                          parts.spec.num_tokens, size.decoder_heads)}
 
 
 def roofline(target: targets_lib.Target, dtype: str, flops: float, bytes_accessed: float,

@@ -86,7 +86,7 @@ def _attention(what: str, kernel: str, batch: int, tokens: int, heads: int, head
   count = layers * (batch * heads // group if kernel == "dense" else 1)
   vec, mat = (group, tokens, head_dim), (group, tokens, tokens)
   forward = [("logits", "nqd,nkd->nqk", vec, vec), ("weights x values", "nqk,nkd->nqd", mat, vec)]
-  if kernel == "dense":  # keys by queries (attention._dense_bwd_one)
+  if kernel == "dense":  # keys by queries (attention._group_bwd)
     backward = [("logits recomputed", "nkd,nqd->nkq", vec, vec),
                 ("dV", "nkq,nqd->nkd", mat, vec), ("dP", "nkd,nqd->nkq", vec, vec),
                 ("dK", "nkq,nqd->nkd", mat, vec), ("dQ", "nkq,nkd->nqd", mat, vec)]
@@ -106,13 +106,14 @@ def step_matmuls(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_keep:
   backward) on `batch` windows. `attention` is `model.attention`; the kernel
   it means for each stack (`attention.choose`, on `backend`, default this
   one's) must be one of KERNELS, else UnlistedKernel."""
-  width, depth, heads, d_width, d_depth, d_heads = model_lib.SIZES[size]
+  dims = model_lib.SIZES[size]
+  width, d_width = dims.width, dims.decoder_width
   visible, every = batch * num_keep, batch * spec.num_tokens
   out = list(_linear("patch embedding", visible, spec.token_dim, width, 1, batch, dtype,
                      input_grad=False))
   for what, tokens, w, layers, h, per_window in (
-      ("encoder", visible, width, depth, heads, num_keep),
-      ("decoder", every, d_width, d_depth, d_heads, spec.num_tokens)):
+      ("encoder", visible, width, dims.depth, dims.heads, num_keep),
+      ("decoder", every, d_width, dims.decoder_depth, dims.decoder_heads, spec.num_tokens)):
     kernel = attention_lib.choose(attention, backend or jax.default_backend(), dtype, batch,
                                   per_window, h)
     if kernel not in KERNELS:

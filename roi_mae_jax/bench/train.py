@@ -84,7 +84,8 @@ def measure_matmul_peak(size: int, dtype, repeats: int = 10) -> tuple[float, flo
 def analytic_flops(spec: model_lib.TokenSpec, size: str, mlp_ratio: int, num_keep: int,
                    batch: int) -> float:
   """Matmul FLOPs of one train step (forward + backward = 3 x forward)."""
-  width, depth, _, d_width, d_depth, _ = model_lib.SIZES[size]
+  dims = model_lib.SIZES[size]
+  width, depth, d_width, d_depth = dims.width, dims.depth, dims.decoder_width, dims.decoder_depth
   n, d_tok = spec.num_tokens, spec.token_dim
 
   def stack(tokens, w, layers):  # qkv + out (4 w^2), MLP (2 r w^2), attention (2 n w)
