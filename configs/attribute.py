@@ -12,13 +12,13 @@ probe's read-out) + `pool` + a linear head fitted on every labelled subject
 
 import ml_collections
 
-from roi_mae_jax import config_lib
+from roi_mae_jax.config import blocks
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.downstream("attribute")
+  config = blocks.downstream("attribute")
   config.classifier = ""            # a finetune workdir; empty: fit the probe's head here
-  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/features.py)
+  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/downstream/features.py)
   config.layers = ""                # encoder blocks pooled, as the probe's ("": the output)
   config.baseline = "temporal_mean"  # temporal_mean | zeros
   config.ig_steps = 32              # points on the path (midpoint rule)

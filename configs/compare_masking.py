@@ -26,8 +26,8 @@ from configs import attribute as attribute_config
 from configs import finetune as finetune_config
 from configs import pretrain_aal3
 from configs import probe as probe_config
-from roi_mae_jax import region_objectives
 from roi_mae_jax.data import synthetic
+from roi_mae_jax.masking import objectives
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -45,9 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                        # network and own fluctuation (synthetic data only)
   config.run_finetune = False
   config.run_attribute = True          # attribution by system + reconstruction by region
-  # Loss weights of the `roi_weighted` strategy (region_objectives), e.g. limbic
+  # Loss weights of the `roi_weighted` strategy (masking.objectives), e.g. limbic
   # and subcortical regions counting twice; set your own per system or region.
-  config.weighted_loss = region_objectives.loss_config()
+  config.weighted_loss = objectives.loss_config()
   for system in ("limbic", "basal_ganglia", "thalamus"):
     config.weighted_loss.system_weights[system] = 2.0
   config.pretrain = pretrain_aal3.get_config("adhd200" if arg == "adhd200" else "")

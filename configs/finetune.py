@@ -10,13 +10,13 @@ The classifier pools the encoder's region time courses over a clip of
 
 import ml_collections
 
-from roi_mae_jax import config_lib
+from roi_mae_jax.config import blocks
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.downstream("finetune")
+  config = blocks.downstream("finetune")
   config.mode = "full"              # full | frozen (head only)
-  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/features.py)
+  config.pool = "region_std"        # the probe's subject pool (roi_mae_jax/downstream/features.py)
   config.clip_windows = 4           # consecutive windows the classifier reads at once
   config.steps = 60                 # per split
   config.batch_size = 4             # clips per step

@@ -15,7 +15,7 @@ whole MNI152 box at any `grid.voxel_size_mm`.
 
 import ml_collections
 
-from roi_mae_jax import config_lib
+from roi_mae_jax.config import blocks
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -24,9 +24,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.source = "adhd200"         # adhd200 | nilearn_adhd | fmriprep | manifest
   config.input_dir = ""
   config.manifest = ""              # CSV: path, subject, site, label[, tr]
-  config.atlas = config_lib.atlas()
-  config.grid = config_lib.grid(voxel_size_mm=4.0, shape=(40, 48, 44))
-  config.patches = config_lib.patches(size=4, frames=2)   # for patch_map.csv
+  config.atlas = blocks.atlas()
+  config.grid = blocks.grid(voxel_size_mm=4.0, shape=(40, 48, 44))
+  config.patches = blocks.patches(size=4, frames=2)   # for patch_map.csv
   config.frames = 4                 # the shortest run kept, in frames at config.tr
   config.tr = 2.0                   # common TR (s) every scan is resampled to
   config.default_tr = 0.0           # TR for headers without one (0: skip such scans)
@@ -62,9 +62,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.overwrite = False
   config.fault_kill_after_scans = 0  # >0: SIGKILL itself after that many scans (tests)
   if arg == "paper":
-    config_lib.paper_scale(config)
+    blocks.paper_scale(config)
   elif arg == "test":
-    config.grid = config_lib.grid(voxel_size_mm=8.0, shape=(20, 24, 24))
+    config.grid = blocks.grid(voxel_size_mm=8.0, shape=(20, 24, 24))
     config.workers = 0
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '', 'paper' or 'test'")

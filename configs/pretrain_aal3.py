@@ -14,15 +14,15 @@ Any field can be overridden, e.g. `--config.mask.ratio=0.75`.
 
 import ml_collections
 
-from roi_mae_jax import config_lib
-from roi_mae_jax import model as model_lib
-from roi_mae_jax import pretrain_configs
+from roi_mae_jax.config import blocks
+from roi_mae_jax.model import mae as model_lib
+from roi_mae_jax.training import defaults
 
 
 def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDict:
-  config = pretrain_configs.default(strategy)  # the blocks: roi_mae_jax/pretrain_configs.py
+  config = defaults.default(strategy)  # the blocks: roi_mae_jax/training/defaults.py
   if arg == "adhd200":
-    config_lib.paper_scale(config)
+    blocks.paper_scale(config)
     config.patches.frames = 1
     config.model = model_lib.model_config("base")
     config.model.dtype = "bfloat16"
@@ -40,7 +40,7 @@ def get_config(arg: str = "", strategy: str = "roi") -> ml_collections.ConfigDic
     config.checkpoint_every = 1000
     config.data.synthetic.run_frames = 120
   elif arg == "test":
-    pretrain_configs.tiny(config)
+    defaults.tiny(config)
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '', 'adhd200' or 'test'")
   return config

@@ -12,17 +12,17 @@ synthetic subjects.
 
 import ml_collections
 
-from roi_mae_jax import config_lib
+from roi_mae_jax.config import blocks
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.downstream("probe")
+  config = blocks.downstream("probe")
   # Subject features from the time course of the encoder's region embeddings over
-  # a scan (roi_mae_jax/features.py): mean | region | region_std | region_corr,
+  # a scan (roi_mae_jax/downstream/features.py): mean | region | region_std | region_corr,
   # or several joined by '+'.
-  config.pool = "region_std+region_corr"  # best measured on the realistic preset (README)
+  config.pool = "region_std+region_corr"  # best measured on the realistic preset (docs/downstream.md#pools)
   config.layers = ""                # encoder blocks pooled ("1,2", "all"; "": the output)
-  # More read-outs of the checkpoint on the same splits (roi_mae_jax/readouts.py):
+  # More read-outs of the checkpoint on the same splits (roi_mae_jax/downstream/readouts.py):
   # encoder@K[+K...] (those blocks), recon | recon_power | recon_corr (reconstruction
   # residuals by region); with `init` in baselines each gets an untrained twin.
   config.readouts = ""

@@ -9,7 +9,7 @@ Writes WORKDIR/masks.png and WORKDIR/masks_summary.json. The default is a
 
 import ml_collections
 
-from roi_mae_jax import config_lib
+from roi_mae_jax.config import blocks
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -17,10 +17,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.task = "show_masks"
   config.seed = 0
   config.frames = 10                 # frames per window
-  config.atlas = config_lib.atlas()
-  config.grid = config_lib.grid(voxel_size_mm=4.0, shape=(40, 48, 44))
-  config.patches = config_lib.patches(size=4, frames=1)
-  config.mask = config_lib.mask(strategy="roi", ratio=0.5)
+  config.atlas = blocks.atlas()
+  config.grid = blocks.grid(voxel_size_mm=4.0, shape=(40, 48, 44))
+  config.patches = blocks.patches(size=4, frames=1)
+  config.mask = blocks.mask(strategy="roi", ratio=0.5)
   config.show = ml_collections.ConfigDict({
       "strategies": "random,tube,roi,roi_time",
       "slice_mm": (30.0, -20.0, 8.0),  # x (sagittal), y (coronal), z (axial)
@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   })
   config.overwrite = False
   if arg == "paper":
-    config_lib.paper_scale(config)
+    blocks.paper_scale(config)
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected '' or 'paper'")
   return config

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A Cloud TPU VM slice: the same command on every worker, started from your
 # workstation with gcloud. Every worker runs one process that drives its local
-# chips; JAX finds the other workers itself (roi_mae_jax.distributed, mode=cluster).
+# chips; JAX finds the other workers itself (roi_mae_jax.devices.distributed, mode=cluster).
 #
 #   export TPU_NAME=my-v5p-32 ZONE=us-east5-a            # PROJECT=... if not the default
 #   launch/tpu_pod.sh setup                             # copy this checkout, install .[tpu]

@@ -34,12 +34,15 @@ class LibraryChatter(std_logging.Filter):
 
   # Orbax and Grain log through absl (logger "absl"), so their file path tells them apart;
   # JAX logs through its own loggers ("jax._src.xla_bridge", ...).
-  NOISY_PATHS = ("/orbax/", "/grain/", "/jax/", "/jaxlib/")
-  NOISY_LOGGERS = ("jax", "jaxlib", "orbax", "grain")
+  NOISY_PATHS = ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/matplotlib/")
+  NOISY_LOGGERS = ("jax", "jaxlib", "orbax", "grain", "matplotlib")
+  # Warnings that only say a first run is slower (matplotlib's font cache on a fresh machine).
+  ONE_TIME_NOTICES = ("building the font cache",)
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno >= std_logging.WARNING:
-      return True
+      return not (record.name.startswith("matplotlib") and
+                  any(n in record.getMessage() for n in self.ONE_TIME_NOTICES))
     if record.name.split(".")[0] in self.NOISY_LOGGERS:
       return False
     return not any(p in record.pathname for p in self.NOISY_PATHS)

@@ -25,10 +25,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from roi_mae_jax import config_validation
 from roi_mae_jax import console
 from roi_mae_jax import errors
 from roi_mae_jax import tasks
+from roi_mae_jax.config import validation
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/show_masks.py[:arg].",
@@ -49,7 +49,7 @@ def main(argv) -> None:
     if config is not None:
       config.get("task")  # a file that failed to load raises on first access
   except (OSError, SyntaxError, ImportError, AttributeError, ValueError) as e:
-    _fail(f"--config: {config_validation.flag_error(e, argv)}", 2)
+    _fail(f"--config: {validation.flag_error(e, argv)}", 2)
   if config is None:
     raise app.UsageError("--config=configs/NAME.py is required")
   if not _WORKDIR.value:
@@ -85,7 +85,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    _fail(config_validation.flag_error(e, argv), 2)
+    _fail(validation.flag_error(e, argv), 2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from matplotlib import colors as mcolors  # pylint: disable=g-import-not-at-top
 import nibabel as nib  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from roi_mae_jax import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
+from roi_mae_jax.brain import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
 
 BACKGROUND = (0.0, 0.0, 0.0)
 VISIBLE = (0.42, 0.42, 0.42)
@@ -85,10 +85,10 @@ def roi_on_template(fig: plt.Figure, rect: Sequence[float], labels: np.ndarray,
   """nilearn's plot_roi of a label volume (0 = clear) over `bg_img` (the MNI template);
   `contours` draws region outlines only, so the background stays readable."""
   from nilearn import plotting  # pylint: disable=g-import-not-at-top  (slow import)
-  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.brain import maps  # pylint: disable=g-import-not-at-top
   axes = fig.add_axes(rect)
   # Label k takes colour k: bins of width 1 centred on the integers.
-  return plotting.plot_roi(brain_maps.mni_image(labels.astype(np.int16), affine),
+  return plotting.plot_roi(maps.mni_image(labels.astype(np.int16), affine),
                            bg_img=mni_template() if bg_img is None else bg_img,
                            cut_coords=tuple(point_mm), display_mode="ortho", axes=axes,
                            figure=fig, title=title, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5,
@@ -182,10 +182,10 @@ def prepared_scan_figure(frame: np.ndarray, on_grid: atlas_lib.Atlas, brain: np.
                          point_mm: Sequence[float], title: str) -> plt.Figure:
   """One prepared frame alone, then with the atlas over it (nilearn): checks the alignment."""
   from nilearn import plotting  # pylint: disable=g-import-not-at-top  (slow import)
-  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.brain import maps  # pylint: disable=g-import-not-at-top
   affine = on_grid.grid.affine
   limits = tuple(np.percentile(frame[brain], [1, 99]))
-  scan = brain_maps.mni_image(np.where(brain, frame, limits[0]).astype(np.float32), affine)
+  scan = maps.mni_image(np.where(brain, frame, limits[0]).astype(np.float32), affine)
   fig = plt.figure(figsize=(8, 5.6))
   plotting.plot_anat(scan, cut_coords=tuple(point_mm), display_mode="ortho", figure=fig,
                      axes=fig.add_axes((0.01, 0.51, 0.98, 0.47)), title=title, vmin=limits[0],
@@ -228,9 +228,9 @@ def stat_map_on_template(fig: plt.Figure, rect: Sequence[float], volume: np.ndar
                          threshold: float | None = None):
   """nilearn's plot_stat_map of `volume` over the MNI template, in `rect` of `fig`."""
   from nilearn import plotting  # pylint: disable=g-import-not-at-top
-  from roi_mae_jax import brain_maps  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.brain import maps  # pylint: disable=g-import-not-at-top
   axes = fig.add_axes(rect)
-  return plotting.plot_stat_map(brain_maps.mni_image(volume.astype(np.float32), affine),
+  return plotting.plot_stat_map(maps.mni_image(volume.astype(np.float32), affine),
                                 bg_img=mni_template(), cut_coords=tuple(point_mm),
                                 display_mode="ortho", axes=axes, figure=fig, title=title,
                                 threshold=threshold, colorbar=True, draw_cross=False,

@@ -27,9 +27,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
-from roi_mae_jax import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
-from roi_mae_jax import grids  # pylint: disable=g-import-not-at-top
-from roi_mae_jax import patches as patches_lib  # pylint: disable=g-import-not-at-top
+from roi_mae_jax.brain import atlas as atlas_lib  # pylint: disable=g-import-not-at-top
+from roi_mae_jax.brain import grids  # pylint: disable=g-import-not-at-top
+from roi_mae_jax.brain import patches as patches_lib  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +65,9 @@ def toy_atlas(shape=(8, 8, 8), voxel=4.0) -> atlas_lib.Atlas:
 
 def load_config(name: str, arg: str = ""):
   """`configs/NAME.py:arg`, loaded the way `--config=` loads it."""
-  from roi_mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from roi_mae_jax.config import blocks  # pylint: disable=g-import-not-at-top
   path = os.path.join(REPO, "configs", f"{name}.py")
-  return config_lib.load_config_file(f"{path}:{arg}" if arg else path)
+  return blocks.load_config_file(f"{path}:{arg}" if arg else path)
 
 
 def write_athena_layout(root, num_subjects=8, run_frames=16, effect_regions="*_R", seed=0):

@@ -26,11 +26,16 @@ def _printed(records, verbose, capsys):
 
 
 RECORDS = [
-    _record("absl", std_logging.INFO, "/src/roi_mae_jax/train.py", "step 10/300 | eta 1m"),
+    _record("absl", std_logging.INFO, "/src/roi_mae_jax/tasks/pretrain.py", "step 10/300 | eta 1m"),
     _record("jax._src.xla_bridge", std_logging.INFO, "/site/jax/_src/xla_bridge.py",
             "Unable to initialize backend 'tpu': INTERNAL"),
     _record("absl", std_logging.INFO, "/site/orbax/checkpoint/manager.py", "saving step 2"),
     _record("absl", std_logging.WARNING, "/site/orbax/checkpoint/manager.py", "disk slow"),
+    # A fresh machine's first figure: matplotlib builds its font cache.
+    _record("matplotlib.font_manager", std_logging.WARNING, "/site/matplotlib/font_manager.py",
+            "Matplotlib is building the font cache; this may take a moment."),
+    _record("matplotlib.font_manager", std_logging.INFO, "/site/matplotlib/font_manager.py",
+            "generated new fontManager"),
 ]
 
 
@@ -43,6 +48,6 @@ def test_short_lines_drop_library_info_but_keep_warnings(capsys):
 
 def test_verbose_restores_the_absl_prefix_and_every_line(capsys):
   lines = _printed(RECORDS, True, capsys)
-  assert len(lines) == 4, lines
-  assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ train\.py:12\] step 10/300", lines[0])
+  assert len(lines) == 6, lines
+  assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ pretrain\.py:12\] step 10/300", lines[0])
   assert "Unable to initialize backend 'tpu'" in lines[1]

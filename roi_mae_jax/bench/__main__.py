@@ -21,7 +21,7 @@ import sys
 
 # Part name -> module with `add_arguments(parser)` and `run(args) -> dict`.
 PARTS = {"all": "roi_mae_jax.bench.overview", "masks": "roi_mae_jax.bench.masks",
-         "train": "roi_mae_jax.bench.train", "data": "roi_mae_jax.bench.data",
+         "train": "roi_mae_jax.bench.step_time", "data": "roi_mae_jax.bench.data",
          "memory": "roi_mae_jax.bench.memory", "aot": "roi_mae_jax.bench.aot"}
 
 

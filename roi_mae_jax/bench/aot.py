@@ -27,19 +27,19 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
-from roi_mae_jax import attention as attention_lib
-from roi_mae_jax import build
-from roi_mae_jax import config_lib
 from roi_mae_jax import errors
-from roi_mae_jax import model as model_lib
-from roi_mae_jax import platforms
-from roi_mae_jax import pretrained as pretrained_lib
-from roi_mae_jax import sharding
-from roi_mae_jax import train_step
 from roi_mae_jax.bench import hlo_stats
 from roi_mae_jax.bench import memory as memory_lib
+from roi_mae_jax.bench import step_time as bench_train
 from roi_mae_jax.bench import targets as targets_lib
-from roi_mae_jax.bench import train as bench_train
+from roi_mae_jax.config import blocks
+from roi_mae_jax.devices import platforms
+from roi_mae_jax.devices import sharding
+from roi_mae_jax.downstream import pretrained as pretrained_lib
+from roi_mae_jax.model import attention as attention_lib
+from roi_mae_jax.model import mae as model_lib
+from roi_mae_jax.training import build
+from roi_mae_jax.training import train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADROOM = 0.10  # of each chip's HBM left free when sizing the largest batch
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--attention", default="", choices=["", *attention_lib.IMPLEMENTATIONS],
                       help="attention kernel (default: the config's)")
   parser.add_argument("--cpu_paths", action="store_true",
-                      help="also compile with the CPU-only paths on (see roi_mae_jax.platforms)")
+                      help="also compile with the CPU-only paths on (see roi_mae_jax.devices.platforms)")
   parser.add_argument("--encoder", action=argparse.BooleanOptionalAction, default=True,
                       help="also compile the probe's encoder forward")
 
@@ -249,7 +249,7 @@ def parse_mesh(text: str, config) -> dict:
 
 def run(args) -> dict:
   target = targets_lib.parse(args.target)
-  config = config_lib.load_config_file(args.config)
+  config = blocks.load_config_file(args.config)
   if args.attention:
     config.model.attention = args.attention
   devices = target.devices()

@@ -24,14 +24,14 @@ import time
 import jax
 import numpy as np
 
-from roi_mae_jax import atlas as atlas_lib
-from roi_mae_jax import config_lib
 from roi_mae_jax import tasks
-from roi_mae_jax import prepare
-from roi_mae_jax import sharding
-from roi_mae_jax.bench import train as bench_train
+from roi_mae_jax.bench import step_time as bench_train
+from roi_mae_jax.brain import atlas as atlas_lib
+from roi_mae_jax.config import blocks
 from roi_mae_jax.data import pipeline
 from roi_mae_jax.data import synthetic
+from roi_mae_jax.devices import sharding
+from roi_mae_jax.tasks import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +62,7 @@ def _write_synthetic(root: str, subjects: int, frames: int) -> float:
 
 
 def _prepare(args, input_dir: str, workdir: str) -> dict:
-  config = config_lib.load_config_file(args.prepare_config)
+  config = blocks.load_config_file(args.prepare_config)
   config.input_dir, config.workers = input_dir, args.workers
   start = time.perf_counter()
   tasks.run_task(config, workdir)
@@ -134,7 +134,7 @@ def run(args) -> dict:
     figures.update(_prepare(args, input_dir, workdir))
     if args.stop_after == "prepare":
       return figures
-    config = config_lib.load_config_file(args.train_config)
+    config = blocks.load_config_file(args.train_config)
     config.data.shards, config.model.size, config.batch_size = workdir, args.size, args.batch
     alone, ds = _pipeline_alone(config, workdir, args.batches)
     figures.update(alone)

@@ -14,10 +14,10 @@ import time
 import jax
 import numpy as np
 
-from roi_mae_jax import atlas as atlas_lib
-from roi_mae_jax import grids
-from roi_mae_jax import masking
-from roi_mae_jax import patches as patches_lib
+from roi_mae_jax.brain import atlas as atlas_lib
+from roi_mae_jax.brain import grids
+from roi_mae_jax.brain import patches as patches_lib
+from roi_mae_jax.masking import samplers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--ratio", type=float, default=0.5)
   parser.add_argument("--assignment", default="majority",
                       choices=patches_lib.ASSIGNMENTS)
-  parser.add_argument("--strategies", default=",".join(masking.STRATEGIES))
+  parser.add_argument("--strategies", default=",".join(samplers.STRATEGIES))
   parser.add_argument("--repeats", type=int, default=50)
 
 
-def time_batches(sampler: masking.MaskSampler, batch: int, repeats: int) -> np.ndarray:
+def time_batches(sampler: samplers.MaskSampler, batch: int, repeats: int) -> np.ndarray:
   """Seconds per batch for `repeats` fresh keys, after one compile call."""
   jax.block_until_ready(sampler.sample_batch(jax.random.key(0), batch))
   seconds = []
@@ -64,7 +64,7 @@ def run(args) -> dict:
              "tokens_all": tokens_all, "tokens_brain": tokens_brain,
              "device": jax.devices()[0].device_kind, "strategies": {}}
   for strategy in filter(None, args.strategies.split(",")):
-    sampler = masking.MaskSampler(patch_map, args.frames, strategy, args.ratio)
+    sampler = samplers.MaskSampler(patch_map, args.frames, strategy, args.ratio)
     ms = time_batches(sampler, args.batch, args.repeats) * 1e3
     row = {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()),
            "p90_ms": float(np.percentile(ms, 90)),

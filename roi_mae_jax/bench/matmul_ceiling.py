@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from roi_mae_jax import attention as attention_lib
-from roi_mae_jax import model as model_lib
+from roi_mae_jax.model import attention as attention_lib
+from roi_mae_jax.model import mae as model_lib
 
 KERNELS = ("dense", "reference")  # attention kernels whose matmuls are listed
 NOT_LISTED = "n/a (an attention kernel not made of whole matmuls: fused or tiled)"

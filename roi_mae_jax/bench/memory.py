@@ -21,11 +21,11 @@ import os
 import jax
 import numpy as np
 
-from roi_mae_jax import attention as attention_lib
-from roi_mae_jax import config_lib
-from roi_mae_jax import model as model_lib
-from roi_mae_jax import sharding
-from roi_mae_jax.bench import train as bench_train
+from roi_mae_jax.bench import step_time as bench_train
+from roi_mae_jax.config import blocks
+from roi_mae_jax.devices import sharding
+from roi_mae_jax.model import attention as attention_lib
+from roi_mae_jax.model import mae as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIMITS = {"80 GiB (H100)": 80 * 2**30, "16 GiB (TPU v5e)": 16 * 2**30}
@@ -95,7 +95,7 @@ def _variant(config, **model):
 
 
 def run(args) -> dict:
-  config = config_lib.load_config_file(args.memory_config)
+  config = blocks.load_config_file(args.memory_config)
   if args.memory_dtype:
     config.model.dtype = args.memory_dtype
   backend = jax.default_backend()

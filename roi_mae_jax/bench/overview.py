@@ -27,13 +27,13 @@ import jax
 import numpy as np
 
 from roi_mae_jax import metrics as metrics_lib
-from roi_mae_jax import sharding
 from roi_mae_jax.bench import masks as bench_masks
 from roi_mae_jax.bench import matmul_ceiling
 from roi_mae_jax.bench import memory as bench_memory
-from roi_mae_jax.bench import train as bench_train
+from roi_mae_jax.bench import step_time as bench_train
 from roi_mae_jax.data import pipeline
 from roi_mae_jax.data import sources
+from roi_mae_jax.devices import sharding
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

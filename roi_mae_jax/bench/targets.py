@@ -23,8 +23,8 @@ import os
 import jax
 
 from roi_mae_jax import errors
-from roi_mae_jax import platforms
-from roi_mae_jax import sharding
+from roi_mae_jax.devices import platforms
+from roi_mae_jax.devices import sharding
 
 SPECS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets.json")
 

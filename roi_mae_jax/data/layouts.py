@@ -39,8 +39,8 @@ import json
 import os
 import re
 
-from roi_mae_jax import config_validation
 from roi_mae_jax import errors
+from roi_mae_jax.config import validation
 from roi_mae_jax.data import tables
 
 SOURCES = ("adhd200", "nilearn_adhd", "fmriprep", "manifest")
@@ -77,7 +77,7 @@ def safe_name(text: str) -> str:
 
 def parse_label_values(spec: str) -> dict[str, int]:
   """'0=0,1=1,2=1' -> {'0': 0, '1': 1, '2': 1}."""
-  config_validation.refuse("label_values", spec)
+  validation.refuse("label_values", spec)
   items = (item.partition("=") for item in filter(None, (s.strip() for s in spec.split(","))))
   return {key.strip().lower(): int(value) for key, _, value in items}
 
@@ -349,7 +349,7 @@ def find_scans(config) -> tuple[list[ScanEntry], list[Skipped]]:
   """The scans of `config.source` under `config.input_dir` (or `config.manifest`)."""
   finders = {"adhd200": _find_adhd200, "nilearn_adhd": _find_nilearn_adhd,
              "fmriprep": _find_fmriprep, "manifest": _find_manifest}
-  config_validation.refuse("source", config.source)
+  validation.refuse("source", config.source)
   if config.source != "manifest" and not os.path.isdir(config.input_dir or ""):
     raise errors.InputError(f"config.input_dir {config.input_dir!r} is not a folder "
                             f"(source {config.source} reads a folder)")

@@ -29,8 +29,8 @@ import nibabel as nib
 import numpy as np
 
 from roi_mae_jax import errors
-from roi_mae_jax import grids
 from roi_mae_jax import process_guard
+from roi_mae_jax.brain import grids
 from roi_mae_jax.data import shards
 from roi_mae_jax.data import synthetic
 

@@ -32,8 +32,8 @@ from array_record.python import array_record_module
 from array_record.python import array_record_data_source
 
 from roi_mae_jax import errors
-from roi_mae_jax import grids
 from roi_mae_jax import outputs
+from roi_mae_jax.brain import grids
 
 DATASET_FILE = "dataset.json"
 INDEX_FILE = "index.csv"

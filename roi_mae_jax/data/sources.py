@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 
 from roi_mae_jax import errors
-from roi_mae_jax import grids
+from roi_mae_jax.brain import grids
 from roi_mae_jax.data import pipeline
 from roi_mae_jax.data import synthetic
 

@@ -35,12 +35,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from roi_mae_jax import atlas as atlas_lib
-from roi_mae_jax import brain_maps
-from roi_mae_jax import config_validation
 from roi_mae_jax import errors
-from roi_mae_jax import grids
-from roi_mae_jax import patches as patches_lib
+from roi_mae_jax.brain import atlas as atlas_lib
+from roi_mae_jax.brain import grids
+from roi_mae_jax.brain import maps
+from roi_mae_jax.brain import patches as patches_lib
+from roi_mae_jax.config import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def apply_preset(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.Co
 
       apply_preset(config.data.synthetic, "realistic")
   """
-  config_validation.refuse("synthetic_preset", name)
+  validation.refuse("synthetic_preset", name)
   if name:  # '' keeps the block's effect
     cfg.update(PRESETS[name])
   return cfg
@@ -140,7 +140,7 @@ class SyntheticFMRI:
   """Synthetic subjects on `on_grid` (an atlas resampled to the target grid)."""
 
   def __init__(self, on_grid: atlas_lib.Atlas, cfg: ml_collections.ConfigDict, seed: int):
-    config_validation.refuse("synthetic.num_sites", cfg.num_sites)
+    validation.refuse("synthetic.num_sites", cfg.num_sites)
     self.atlas = on_grid
     self.cfg = cfg
     self.seed = int(seed)
@@ -284,7 +284,7 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
     if orientation:
       volume, affine = _reorient(volume, affine, orientation)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    brain_maps.save_mni(volume, affine, path, "synthetic resting-state run", tr=s.site.tr)
+    maps.save_mni(volume, affine, path, "synthetic resting-state run", tr=s.site.tr)
     rng = np.random.default_rng([data.seed, 0x77, s.index])
     rows.setdefault(s.site.name, []).append(
         [s.subject_id, s.site.name, int(rng.integers(0, 2)), round(float(rng.uniform(7, 18)), 2),
