@@ -80,10 +80,14 @@ def test_attend_packed_reads_heads_from_the_fused_projection(kernel, heads_per_s
   np.testing.assert_allclose(jax.grad(packed)(qkv), jax.grad(unpacked)(qkv), atol=1e-5, rtol=0)
 
 
-def test_dense_groups_heads_by_the_size_of_their_logits():
-  assert attention.heads_per_step_for(6, 654) == 2   # 2 x 1.7 MB of logits per loop step
-  assert attention.heads_per_step_for(4, 1310) == 1  # one head's are 6.9 MB already
-  assert attention.heads_per_step_for(3, 29) == 3
+@pytest.mark.parametrize("heads,tokens", [(6, 654), (4, 1310), (3, 29), (5, 7)])
+def test_dense_head_groups_divide_the_heads_and_keep_the_values(heads, tokens):
+  per_step = attention.heads_per_step_for(heads, tokens)
+  assert 1 <= per_step <= heads and heads % per_step == 0
+  qkv = jax.random.normal(jax.random.key(heads), (1, min(tokens, 40), 3, heads, 4))
+  np.testing.assert_allclose(attention.dense_packed(qkv, None, heads_per_step=per_step),
+                             attention.dense_packed(qkv, None, heads_per_step=1),
+                             atol=1e-5, rtol=0)
   with pytest.raises(errors.InputError, match="do not divide"):
     attention.dense_packed(jnp.zeros((1, 5, 3, 3, 4)), None, heads_per_step=2)
 
