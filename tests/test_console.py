@@ -1,5 +1,6 @@
 """Console lines: short by default, absl's full prefix with verbose, no library chatter."""
 
+import io
 import logging as std_logging
 import re
 
@@ -13,15 +14,19 @@ def _record(name, level, path, message):
 
 
 def _printed(records, verbose, capsys):
-  """What absl's handler prints (to stderr: flags are not parsed under pytest)."""
+  """What absl's handler prints, read from the stream it writes to (another test may have
+  left it bound to a stream other than this test's stderr)."""
+  del capsys
   handler = logging.get_absl_handler()
-  capsys.readouterr()
+  stream, handler.python_handler.stream = handler.python_handler.stream, io.StringIO()
   try:
     console.configure(verbose)
     for record in records:
       handler.handle(record)
-    return [l for l in capsys.readouterr().err.splitlines() if "before flag parsing" not in l]
+    return [l for l in handler.python_handler.stream.getvalue().splitlines()
+            if "before flag parsing" not in l]
   finally:
+    handler.python_handler.stream = stream
     console.configure(False)
 
 

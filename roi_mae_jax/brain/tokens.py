@@ -2,7 +2,7 @@
 
 A window is (batch, X, Y, Z, T). A token is one brain patch of p^3 voxels over
 pt frames, flattened voxel-major (x, y, z, then frame). Tokens are laid out
-time-major, `t * P + p`, as in `masking`:
+time-major, `t * P + p`, as in `masking.samplers`:
 
     tok = patchify(windows, brain_patches, p=4, pt=2)   # (B, T/pt * P, 64 * 2)
     back = unpatchify(tok, brain_patches, (40, 48, 44, 8), p=4, pt=2)

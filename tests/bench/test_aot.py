@@ -34,6 +34,7 @@ def _tiny(attention: str):
     ("tpu:v5e:2x2", "pallas", "pallas", "tpu_custom_call"),
     ("gpu:h100:4", "auto", "cudnn", "__cudnn$fmha"),
 ])
+@pytest.mark.slow
 def test_the_tiny_step_compiles_for_an_accelerator_mesh(name, attention, kernel, call):
   target = targets.parse(name)
   figures = aot.measure(_tiny(attention), target, (2, 1, 2), encoder=name.startswith("tpu"))
@@ -120,6 +121,7 @@ def test_a_mesh_axis_can_split_a_torus_axis():
   assert dict(mesh.shape) == {"data": 32, "fsdp": 1, "tensor": 2}
 
 
+@pytest.mark.slow
 def test_an_fsdp_step_gathers_weights_rather_than_reducing_activations():
   """With parameters split over fsdp, each block's activations stay split by
   batch: the step all-gathers weights and reduce-scatters their gradients; it

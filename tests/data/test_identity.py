@@ -40,6 +40,7 @@ def _pretrain(folder, **changes):
   return config
 
 
+@pytest.mark.slow
 def test_resume_onto_a_re_prepared_dataset_is_refused_naming_both(dataset, tmp_path):
   folder, other = dataset
   run = tmp_path / "run"
@@ -60,6 +61,7 @@ def test_resume_onto_a_re_prepared_dataset_is_refused_naming_both(dataset, tmp_p
   assert record["scans"] == 4 and record["history"][0]["fingerprint"] == first["fingerprint"]
 
 
+@pytest.mark.slow
 def test_prepare_refuses_a_folder_a_pretraining_is_reading(dataset, tmp_path):
   folder, other = dataset
   log = tmp_path / "log.txt"

@@ -103,6 +103,7 @@ def test_normalise_is_scale_free_in_both_modes():
 
 
 @pytest.mark.parametrize("scale", [1e300, 1e-300])
+@pytest.mark.slow
 def test_float64_files_beyond_float32_range_give_the_same_shard(original, tmp_path, scale):
   image, data = original
   _, reference = _prepare_one(_save(image, data, tmp_path / "ref.nii.gz"), tmp_path, "ref")

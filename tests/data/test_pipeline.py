@@ -42,6 +42,7 @@ def test_epochs_visit_every_scan_several_times_and_processes_are_disjoint(prepar
   assert sorted(seen) == list(range(8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefetch_workers", [0, 2])
 def test_iterator_state_resumes_the_exact_batches(prepared_dir, prefetch_workers):
   source = pipeline.ShardWindows(str(prepared_dir), frames=4)

@@ -97,6 +97,7 @@ def _synthetic(pre, subjects=8):
   return sources.downstream_source(pre.config, data)
 
 
+@pytest.mark.slow
 def test_recovery_reads_what_the_generator_put_in(pretrained_dir, monkeypatch):
   pre = pretrained_lib.load_pretrained(str(pretrained_dir))
   source = _synthetic(pre)

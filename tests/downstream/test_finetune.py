@@ -12,6 +12,7 @@ from roi_mae_jax.downstream import pretrained as pretrained_lib
 from roi_mae_jax.training import checkpoint as checkpoint_lib
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frozen", "full"])
 def test_finetune_trains_the_right_parameters(pretrained_dir, tmp_path, mode):
   config = load_config("finetune", "test")

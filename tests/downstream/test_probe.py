@@ -49,6 +49,7 @@ def test_removed_jax_probe_flag_says_why():
   assert message.startswith("--config.jax_probe: no config key 'jax_probe': the JAX logistic")
 
 
+@pytest.mark.slow
 def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_path):
   config = load_config("probe", "test")
   config.update(checkpoint=str(pretrained_dir))

@@ -95,7 +95,7 @@ def test_attribution_ranks_the_planted_regions_first(pretrained_dir, tmp_path, l
   systems = [r for r in group_table if r["level"] == "system"]
   small = [int(r["voxels"]) < config.min_region_voxels for r in systems]
   assert small == sorted(small)  # a group too small to rank (brainstem: 1 voxel) goes last
-  assert (tmp_path / "attribute.png").stat().st_size > 10_000
+  assert (tmp_path / "attribution.png").stat().st_size > 10_000
   with open(tmp_path / "reconstruction_by_region.csv", newline="") as f:
     recon = list(csv.DictReader(f))
   assert len(recon) == len(pre.pooled_regions)

@@ -91,6 +91,7 @@ def _two_steps(config):
   return setup, state, losses
 
 
+@pytest.mark.slow
 def test_train_step_with_both_options(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.batch_size = 2
@@ -121,6 +122,7 @@ def test_compare_variants_set_the_options():
                                             ("random", 0)]
 
 
+@pytest.mark.slow
 def test_visible_weight_adds_the_visible_tokens_error():
   config = load_config("pretrain_aal3", "test")
   config.batch_size = 2

@@ -33,6 +33,7 @@ def _one_error_line(done, status=2):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
   path = tmp_path / "a_file"
   path.write_text("x")
@@ -55,6 +56,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
     tasks.run_task(load_config("show_masks"), str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["probe", "attribute"])
 def test_a_checkpoint_that_is_not_a_pretraining_run_is_one_line(prepared_dir, pretrained_dir,
                                                                 tmp_path, config):
@@ -131,6 +133,7 @@ def _mount_small_tmpfs(path):
   return done.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_prints_its_line_once_and_keeps_tracebacks_in_a_file(tmp_path):
   disk = tmp_path / "disk"
   if shutil.which("mount") is None or os.geteuid() != 0 or not _mount_small_tmpfs(disk):

@@ -23,6 +23,7 @@ def _cli(*args, cwd=REPO, platforms="cpu"):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_show_masks_writes_png_and_summary(tmp_path):
   workdir = str(tmp_path / "masks")
   # No JAX_PLATFORMS: JAX probes every backend, as on a user's machine.
@@ -99,6 +100,7 @@ def test_bench_masks_prints_figures(tmp_path, capsys):
   assert figures["strategies"]["roi"]["median_ms"] > 0
 
 
+@pytest.mark.slow
 def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
@@ -126,6 +128,7 @@ def test_bench_train_prints_mfu_and_flops(tmp_path, capsys):
   assert 0.9 * per_device < ceiling["flops"] < 1.2 * per_device
 
 
+@pytest.mark.slow
 def test_bench_data_prints_throughput_and_input_wait(tmp_path, capsys):
   out = tmp_path / "bench.json"
   configs = os.path.join(REPO, "configs")
@@ -142,6 +145,7 @@ def test_bench_data_prints_throughput_and_input_wait(tmp_path, capsys):
   assert figures["peak_rss_main_mib"] > 0
 
 
+@pytest.mark.slow
 def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
@@ -159,6 +163,7 @@ def test_bench_without_a_part_reports_every_headline_figure(tmp_path, capsys):
   assert figures["step_memory_bytes"] > 0 and figures["host_peak_rss_mib"] > 0
 
 
+@pytest.mark.slow
 def test_bench_memory_prints_memory_per_window_and_largest_batches(tmp_path, capsys):
   out = tmp_path / "bench.json"
   config = os.path.join(REPO, "configs", "pretrain_aal3.py") + ":test"
@@ -188,6 +193,7 @@ def test_memory_not_affine_in_the_batch_counts_only_the_measured_points(monkeypa
   assert row["largest_batch"] == {"80 GiB (H100)": 1, "16 GiB (TPU v5e)": 0}
 
 
+@pytest.mark.slow
 def test_largest_batch_search_and_the_compiled_memory_it_uses(monkeypatch):
   assert overview.largest_batch(lambda b: b <= 37, start=8) == 37
   assert overview.largest_batch(lambda b: b <= 5, start=8) == 5

@@ -55,6 +55,7 @@ def held_workdir(tmp_path):
   holder.wait()
 
 
+@pytest.mark.slow
 def test_second_writer_gets_one_line_naming_the_holder_then_a_dead_one_is_taken_over(
     held_workdir):
   workdir, holder = held_workdir
@@ -96,6 +97,7 @@ def test_overwrite_in_another_tasks_workdir_deletes_nothing(athena_dir, tmp_path
 
 # --- Config values (the rules: tests/config/test_validation.py) -----------------------
 
+@pytest.mark.slow
 def test_cli_misspelt_key_and_bad_value_are_one_line_with_status_2(tmp_path):
   done = _cli("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path}",
               "--config.mask.ratoi=0.3")
@@ -199,6 +201,7 @@ def _params(workdir):
   return jax.device_get(pretrained.load_pretrained(str(workdir)).params)
 
 
+@pytest.mark.slow
 def test_run_resumes_from_the_newest_intact_checkpoint_to_the_same_numbers(
     pretrained_dir, tmp_path):
   workdir = tmp_path / "copy"
@@ -212,6 +215,7 @@ def test_run_resumes_from_the_newest_intact_checkpoint_to_the_same_numbers(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_disk_full_names_the_checkpoint_kept(tmp_path, monkeypatch):
   save = checkpoint_lib.Checkpointer.save
 
@@ -294,6 +298,7 @@ def _first_shard(workdir):
   return sorted((workdir / "shards").glob("*.array_record"))[0]
 
 
+@pytest.mark.slow
 def test_truncated_or_short_shard_stops_with_one_line_naming_it(prepared_dir, tmp_path):
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from roi_mae_jax.data import shards  # pylint: disable=g-import-not-at-top
@@ -431,6 +436,7 @@ def test_a_run_that_must_stop_exits_1_with_one_line(tmp_path, fault, message):
   assert line.startswith(message)
 
 
+@pytest.mark.slow
 def test_resume_after_the_manifest_changed_relabels_and_redoes_moved_keys(athena_dir, tmp_path):
   from roi_mae_jax.data import shards  # pylint: disable=g-import-not-at-top
   from roi_mae_jax.tasks import prepare  # pylint: disable=g-import-not-at-top

@@ -22,6 +22,7 @@ def _text(cell) -> str:
   return "".join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_makes_a_demo_checkpoint_probes_and_ranks_regions(tmp_path, monkeypatch):
   monkeypatch.delenv("ROI_MAE_CHECKPOINT", raising=False)  # the notebook pretrains a demo
   monkeypatch.setenv("ROI_MAE_DEMO_STEPS", "6")

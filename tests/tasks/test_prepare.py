@@ -181,6 +181,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(athena_dir, prepared_dir
   assert not list((workdir / "shards").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_unless_overwrite(athena_dir, tmp_path):
   root = tmp_path / "two"
   for path in sorted(athena_dir.glob("NYU/*"))[:2]:
@@ -321,6 +322,7 @@ def _amplitude(series, frequency):
   return np.hypot(coef[i], coef[i + 1]).mean()
 
 
+@pytest.mark.slow
 def test_denoising_per_layout_removes_confounds_and_out_of_band_signal(denoise_layouts,
                                                                        tmp_path):
   root, confound, kept, fast = denoise_layouts

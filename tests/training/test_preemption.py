@@ -66,6 +66,7 @@ def _gone_within(pids, seconds):
   return [p for p in pids if _alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_in_pretraining_saves_a_sealed_checkpoint_of_the_step_reached(tmp_path, sig):
   workdir, log = tmp_path / "run", tmp_path / "log.txt"
@@ -94,6 +95,7 @@ def test_signal_in_pretraining_saves_a_sealed_checkpoint_of_the_step_reached(tmp
   assert _gone_within(workers, 10) == []
 
 
+@pytest.mark.slow
 def test_a_killed_pretraining_leaves_no_prefetch_worker(tmp_path):
   log = tmp_path / "log.txt"
   run = _start("--config=configs/pretrain_aal3.py:test", f"--workdir={tmp_path / 'run'}",
@@ -117,6 +119,7 @@ def many_scans(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_in_prepare_stops_workers_writes_what_is_done_and_resumes(many_scans, tmp_path,
                                                                          sig):
@@ -153,6 +156,7 @@ def test_signal_in_prepare_stops_workers_writes_what_is_done_and_resumes(many_sc
   assert len(shards.PreparedDataset(str(workdir)).rows) == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [3, 4])  # 4: a checkpoint step, its save in flight
 def test_stop_request_in_the_loop_saves_the_step_reached(pretrained_dir, tmp_path, stop_after):
   """In-process: the same path as a signal, for the message and the numbers after resume."""
@@ -184,6 +188,7 @@ def test_stop_request_in_the_loop_saves_the_step_reached(pretrained_dir, tmp_pat
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_fine_tuning_stops_between_steps_with_one_line(pretrained_dir, tmp_path, monkeypatch):
   from roi_mae_jax import preemption  # pylint: disable=g-import-not-at-top
   from roi_mae_jax.downstream import end_to_end  # pylint: disable=g-import-not-at-top
@@ -254,6 +259,7 @@ def _descendants(pid):
   return found
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_worker(many_scans, tmp_path):
   log = tmp_path / "log.txt"
   run = _start("--config=configs/prepare.py", f"--workdir={tmp_path / 'out'}",
@@ -269,6 +275,7 @@ def test_a_killed_prepare_leaves_no_worker(many_scans, tmp_path):
   assert workers and _gone_within(workers, 10) == []
 
 
+@pytest.mark.slow
 def test_compare_stops_before_its_next_evaluation_keeping_the_finished_ones(tmp_path,
                                                                             monkeypatch):
   from roi_mae_jax import outputs  # pylint: disable=g-import-not-at-top

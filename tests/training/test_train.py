@@ -54,6 +54,7 @@ def test_tiny_model_overfits_one_fixed_batch():
   assert losses[-1] < 0.1 * losses[0], losses[::10]
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_jitted_step_and_init_repeats():
   """setup.compile (ahead of time; jit's traces and init's executable let go)
   runs the same step as setup.step, and init still builds the same state after it."""
@@ -73,6 +74,7 @@ def test_compiled_step_equals_jitted_step_and_init_repeats():
   np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
   config = load_config("pretrain_aal3", "test")
   config.model.size = "tiny"  # 2 heads: tensor axis 2 splits them
@@ -211,6 +213,7 @@ def test_a_checkpoint_of_another_patch_count_is_named_as_such_not_as_damage(tmp_
   reader.close()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.optim.learning_rate = 1e30
@@ -240,6 +243,7 @@ def _tensorboard_scalars(folder):
   return scalars
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_workdir_of_another_run(tmp_path):
   config = load_config("pretrain_aal3", "test")
   config.total_steps = 2
