@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "roi_mae_jax")
@@ -159,5 +158,4 @@ if __name__ == "__main__":
   with open(LAYOUT_DOC, "w", encoding="utf-8") as out:
     out.write(layout_markdown())
   print(f"wrote {LAYOUT_DOC}")
-  sys.exit(0)
 

@@ -1,4 +1,4 @@
-"""Every rule a config value must keep, in one place; command-line errors as one line.
+"""Checking a config against every rule (config/rules.py); command-line errors as one line.
 
     validation.validate(config)                  # a task's start: one InputError
     validation.validate(config.model, where="model")   # one block, where it is built
@@ -19,7 +19,7 @@ loaded (`depth`: the encoder's blocks; `divisor`, `processes`: the mesh); the
 code that loads it calls `check_loaded` or `refuse` with those facts. Keys a
 config lacks are not checked; missing required keys are `blocks.require`'s.
 
-The rules themselves are config/rules.py.
+The rules themselves, and the tables they read, are config/rules.py.
 """
 
 from __future__ import annotations
