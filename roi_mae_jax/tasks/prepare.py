@@ -145,7 +145,8 @@ def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 def _results(todo, job, workdir: str, workers: int, stop: preemption.StopOnSignal):
   """Yields (entry, status, payload, peak MiB of the process that ran it) as scans finish,
-  until `stop` is requested (a scan in this process finishes first; workers are ended)."""
+  until `stop` is requested (a scan in this process finishes first; workers are ended, and
+  scans they finished before that are still yielded)."""
   if workers <= 1:
     for entry in todo:
       if stop.requested:
@@ -164,6 +165,13 @@ def _results(todo, job, workdir: str, workers: int, stop: preemption.StopOnSigna
       done, pending = concurrent.futures.wait(
           pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
       for future in done:
+        yield (futures[future],) + future.result()
+    if pending:  # stopped: end the workers, then report the scans that finished meanwhile
+      _terminate(pool)
+      pool.shutdown(wait=True, cancel_futures=True)
+      finished = [f for f in pending if f.done() and not f.cancelled() and not f.exception()]
+      pending = set()
+      for future in finished:
         yield (futures[future],) + future.result()
   except concurrent.futures.process.BrokenProcessPool as e:
     raise errors.TrainingError(
