@@ -38,6 +38,7 @@ from roi_mae_jax.devices import platforms
 from roi_mae_jax.devices import sharding
 from roi_mae_jax.masking import samplers
 from roi_mae_jax.model import attention as attention_lib
+from roi_mae_jax.model import targets
 from roi_mae_jax.model.cpu import fused_layers
 
 
@@ -79,9 +80,15 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
       "mlp_ratio": 4,
       "pos_embedding": "sincos",   # or "learned"
       "region_embedding": True,    # add a learned code of the token's AAL3 region
+      "decoder_region_embedding": False,  # the decoder's tokens (mask tokens too) get
+                                   # their own learned region code: a hidden region's
+                                   # slot knows which region it must predict
       "norm_target": False,        # MAE's per-patch normalised target
       "centre_target": False,      # target minus each voxel's mean over the window: the
                                    # loss then counts fluctuation only, not static anatomy
+      "target_pool": "voxel",      # "patch": the target is each token's mean over its
+                                   # voxels per frame (patch_frames values), the
+                                   # region-level course without the voxel detail
       "dtype": "float32",          # compute dtype; parameters stay float32
       "attention": "auto",         # attention.IMPLEMENTATIONS; auto: by backend and size
       "attention_block": 512,      # tokens per query / key tile of `chunked`
@@ -428,6 +435,8 @@ class MaskedAutoencoder(nnx.Module):
     self.placement = target
     self.norm_target = bool(config.norm_target)
     self.centre_target = bool(config.get("centre_target", False))
+    self.target_pool = config.get("target_pool", "voxel")
+    targets.check(self.target_pool, self.norm_target)
     self.embed = _linear_layer(rngs, spec.token_dim, width, (None, "embed"), dtype, target)
     self.positions = Positions(spec, width, config.pos_embedding, rngs)
     self.region = (_param(rngs, (spec.num_regions + 1, width), (None, "embed"), scale=0.02)
@@ -437,16 +446,26 @@ class MaskedAutoencoder(nnx.Module):
     self.to_decoder = _linear_layer(rngs, width, d_width, ("embed", "mlp"), dtype, target)
     self.mask_token = _param(rngs, (d_width,), ("embed",), scale=0.02)
     self.decoder_positions = Positions(spec, d_width, config.pos_embedding, rngs)
+    self.decoder_region = (_param(rngs, (spec.num_regions + 1, d_width), (None, "embed"),
+                                  scale=0.02)
+                           if config.get("decoder_region_embedding", False) else None)
     self.decoder = Stack(size.decoder_depth, d_width, size.decoder_heads, config, rngs=rngs,
                          target=target)
     self.decoder_norm = _layer_norm(rngs, d_width)
-    self.head = _linear_layer(rngs, d_width, spec.token_dim, ("embed", None), dtype, target)
+    self.head = _linear_layer(rngs, d_width, targets.target_dim(spec, self.target_pool),
+                              ("embed", None), dtype, target)
 
   def token_codes(self):
     """(N, width) position (+ region) code added to every token."""
-    code = self.positions()
-    if self.region is not None:
-      per_patch = jnp.take(self.region[...], jnp.asarray(self.spec.patch_region + 1), axis=0)
+    return self._codes(self.positions(), self.region)
+
+  def decoder_codes(self):
+    """(N, decoder width) position (+ region) code added to every decoder token."""
+    return self._codes(self.decoder_positions(), self.decoder_region)
+
+  def _codes(self, code, region):
+    if region is not None:  # row 0: patches no region owns
+      per_patch = jnp.take(region[...], jnp.asarray(self.spec.patch_region + 1), axis=0)
       code = code + jnp.tile(per_patch, (self.spec.num_time, 1))
     return code
 
@@ -487,33 +506,31 @@ class MaskedAutoencoder(nnx.Module):
     n_mask = ids_restore.shape[1] - n_keep
     fill = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n_mask, width))
     x = _take_tokens(jnp.concatenate([x, fill], axis=1), ids_restore)
-    x = _batch_sharded(x + self.decoder_positions().astype(x.dtype), self.placement)
+    x = _batch_sharded(x + self.decoder_codes().astype(x.dtype), self.placement)
     x = self.decoder_norm(self.decoder(x))
     return self.head(x.astype(self.dtype)).astype(jnp.float32)
 
   def target(self, tokens):
-    if self.centre_target:  # each voxel's mean over all of the window's frames removed
-      s = self.spec
-      by_voxel = tokens.reshape(tokens.shape[0], s.num_time, s.num_patches, -1, s.patch_frames)
-      tokens = (by_voxel - by_voxel.mean(axis=(1, 4), keepdims=True)).reshape(tokens.shape)
-    if not self.norm_target:
-      return tokens
-    mean = tokens.mean(-1, keepdims=True)
-    var = tokens.var(-1, keepdims=True)
-    return (tokens - mean) / jnp.sqrt(var + 1e-6)
+    """tokens (B, N, p^3 pt) -> what the head is trained to predict (model.targets)."""
+    return targets.reconstruction_target(tokens, self.spec, self.centre_target,
+                                         self.target_pool, self.norm_target)
 
   def __call__(self, windows, masks: samplers.MaskSample,
                token_weight: jax.Array | None = None) -> dict[str, Any]:
-    """windows (B, X, Y, Z, T) -> dict(loss, tokens, encoded, prediction, mask, token_error).
+    """windows (B, X, Y, Z, T) -> dict(loss, target_power, tokens, encoded, prediction, mask,
+    token_error).
 
     `token_weight` (N,) weights each token's error in the loss (region-weighted loss).
     """
     tokens = self.spec.patchify(windows.astype(jnp.float32))
     encoded = self.encode(tokens, masks.ids_keep)
     prediction = self.decode(encoded, masks.ids_restore)
-    token_error = jnp.mean((prediction - self.target(tokens)) ** 2, axis=-1)
+    target = self.target(tokens)
+    token_error = jnp.mean((prediction - target) ** 2, axis=-1)
     loss = weighted_mean(token_error, masks.mask, token_weight)
-    return {"loss": loss, "tokens": tokens, "encoded": encoded,
+    # The loss of predicting 0 everywhere: what `loss` is worth beside it.
+    target_power = weighted_mean(jnp.mean(target ** 2, axis=-1), masks.mask, token_weight)
+    return {"loss": loss, "target_power": target_power, "tokens": tokens, "encoded": encoded,
             "prediction": prediction, "mask": masks.mask, "token_error": token_error}
 
 

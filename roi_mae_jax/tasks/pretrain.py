@@ -39,6 +39,7 @@ from roi_mae_jax.devices import distributed
 from roi_mae_jax.devices import sharding as sharding_lib
 from roi_mae_jax.masking import samplers
 from roi_mae_jax.model import mae as model_lib
+from roi_mae_jax.model import targets
 from roi_mae_jax.training import defaults
 from roi_mae_jax.training import loop
 from roi_mae_jax.training import train_step
@@ -116,7 +117,7 @@ def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, sou
   records = metrics_lib.read_metrics(workdir)
   fig = plots.loss_curve_figure(records, title=f"{config.mask.strategy} masking")
   plots.save(fig, os.path.join(workdir, "loss_curve.png"))
-  prediction = np.asarray(out["prediction"])
+  prediction = targets.voxel_values(np.asarray(out["prediction"]), spec)
   tokens = np.asarray(out["tokens"])
   if config.model.norm_target:  # back from per-patch normalised units
     prediction = prediction * tokens.std(-1, keepdims=True) + tokens.mean(-1, keepdims=True)
@@ -132,6 +133,7 @@ def write_figures(config, workdir: str, setup: train_step.TrainSetup, state, sou
   outputs.write_json(os.path.join(workdir, "pretrain_summary.json"), {
       "steps": int(jax.device_get(state["step"])),
       "first_logged_loss": first.get("loss"), "final_loss": last.get("loss"),
+      "final_explained": last.get("explained"),
       "example_masked_loss": float(out["loss"]),
       "tokens_per_window": spec.num_tokens, "visible_tokens": sampler.num_keep,
       "brain_patches": spec.num_patches, "box_patches": int(np.prod(spec.patch_grid)),

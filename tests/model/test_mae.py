@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
+from roi_mae_jax import errors
 from roi_mae_jax.brain import tokens as tokens_lib
 from roi_mae_jax.devices import platforms
 from roi_mae_jax.model import mae as model_lib
+from roi_mae_jax.model import targets
 from roi_mae_jax.model.cpu import fused_layers
 from roi_mae_jax.training import build
 
@@ -241,3 +243,61 @@ def test_centred_target_is_each_voxels_fluctuation_over_the_window(setting):
   np.testing.assert_allclose(np.asarray(target), np.asarray(want), atol=1e-5)
   np.testing.assert_array_equal(_model(spec).target(spec.patchify(windows)),
                                 spec.patchify(windows))
+
+
+def test_decoder_region_code_tells_a_hidden_slot_its_region(setting):
+  _, _, spec, sampler = setting
+  masks = sampler.sample_batch(jax.random.key(2), 1)
+  windows = _windows(spec, batch=1)
+  model = _model(spec, decoder_region_embedding=True)
+  assert _model(spec).decoder_region is None
+  width = model_lib.SIZES["tiny"].decoder_width
+  assert model.decoder_region.shape == (spec.num_regions + 1, width)
+  before = np.asarray(_compiled(model, masks)(windows)["prediction"])
+  # Change one hidden region's decoder code: only the decoder's output moves.
+  hidden_region = int(spec.patch_region[np.asarray(masks.mask[0, :spec.num_patches])][0])
+  # A random shift: a constant one would vanish in the decoder's layer norms.
+  shift = jax.random.normal(jax.random.key(3), model.decoder_region.shape[1:])
+  model.decoder_region[...] = model.decoder_region[...].at[hidden_region + 1].add(shift)
+  after = _compiled(model, masks)(windows)
+  moved = np.abs(np.asarray(after["prediction"]) - before).max(-1)[0]     # (N,)
+  region_of_token = np.tile(spec.patch_region, spec.num_time)
+  assert moved[region_of_token == hidden_region].min() > 1e-3
+  np.testing.assert_array_equal(np.asarray(after["encoded"]),
+                                np.asarray(_compiled(_model(spec, decoder_region_embedding=True),
+                                                     masks)(windows)["encoded"]))
+
+
+def test_patch_target_is_each_tokens_mean_course_and_the_head_predicts_it(setting):
+  _, _, spec, sampler = setting
+  windows = _windows(spec) + 5.0
+  model = _model(spec, centre_target=True, target_pool="patch")
+  tokens = spec.patchify(windows)
+  target = model.target(tokens)
+  by_voxel = np.asarray(targets.fluctuation(tokens, spec)).reshape(
+      tokens.shape[:2] + (-1, spec.patch_frames))
+  np.testing.assert_allclose(np.asarray(target), by_voxel.mean(2), atol=1e-5)
+  masks = sampler.sample_batch(jax.random.key(0), 2)
+  out = _compiled(model, masks)(windows)
+  assert out["prediction"].shape == tokens.shape[:2] + (spec.patch_frames,)
+  assert np.isfinite(float(out["loss"]))
+  filled = targets.voxel_values(np.asarray(out["prediction"]), spec)  # for figures
+  assert filled.shape == tokens.shape
+  np.testing.assert_array_equal(filled.reshape(by_voxel.shape)[:, :, 3],
+                                np.asarray(out["prediction"]))
+  with pytest.raises(errors.InputError, match="norm_target"):
+    _model(spec, target_pool="patch", norm_target=True)
+  with pytest.raises(errors.InputError, match="target_pool"):
+    _model(spec, target_pool="region")
+
+
+def test_target_power_is_the_loss_of_predicting_zeros(setting):
+  _, _, spec, sampler = setting
+  masks = sampler.sample_batch(jax.random.key(4), 2)
+  model = _model(spec, centre_target=True)
+  out = _compiled(model, masks)(_windows(spec))
+  assert 0 < float(out["target_power"]) != pytest.approx(float(out["loss"]))
+  model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+  model.head.bias[...] = jnp.zeros_like(model.head.bias[...])
+  silent = _compiled(model, masks)(_windows(spec))
+  assert float(silent["loss"]) == pytest.approx(float(out["target_power"]), rel=1e-5)
