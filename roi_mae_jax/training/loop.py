@@ -146,13 +146,17 @@ def steps(config: ml_collections.ConfigDict, workdir: str, setup: train_step.Tra
         values = jax.device_get(pending)
         elapsed = time.time() - last_time
         seconds_per_step = elapsed / max(done - last_step, 1)
-        record = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "grad_norm")}
+        record = {k: float(np.mean([v[k] for v in values]))
+                  for k in ("loss", "grad_norm", "masked_loss", "target_power")}
+        # The share of the masked target the model predicts (0: no better than 0s).
+        record["explained"] = 1.0 - record["masked_loss"] / max(record["target_power"], 1e-12)
         record.update(param_norm=float(values[-1]["param_norm"]),
                       learning_rate=float(values[-1]["learning_rate"]),
                       step_time=seconds_per_step,
                       tokens_per_s=tokens_per_step / seconds_per_step)
         log.write(done, record)
-        log.progress(done, seconds_per_step, f"loss {record['loss']:.4f}")
+        log.progress(done, seconds_per_step,
+                     f"loss {record['loss']:.4f} (explains {record['explained']:.0%})")
         pending, last_time, last_step = [], time.time(), done
       if done % config.checkpoint_every == 0 or done == config.total_steps:
         _check_finite(state, done, ckpt)

@@ -228,6 +228,7 @@ def make_step_fn(graphdef, tx, schedule, sampler: samplers.MaskSampler, batch_si
       tracked = adaptive.update(state["region_error"], out["token_error"], masks.mask)
       new_state["region_error"] = jnp.where(ok, tracked, state["region_error"])
     metrics = {"loss": loss, "grad_norm": grad_norm,
+               "masked_loss": out["loss"], "target_power": out["target_power"],
                "param_norm": optax.tree.norm(new_state["params"]),
                "learning_rate": schedule(step)}
     return new_state, metrics

@@ -253,6 +253,7 @@ def test_resume_refuses_a_workdir_of_another_run(tmp_path):
   records = metrics_lib.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2]
   assert set(records[0]) >= {"loss", "grad_norm", "param_norm", "learning_rate", "step_time",
+                             "masked_loss", "target_power", "explained",
                              "tokens_per_s"}
   assert _tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == [
       (2, pytest.approx(records[0]["loss"]))]
