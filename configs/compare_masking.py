@@ -26,7 +26,6 @@ from configs import attribute as attribute_config
 from configs import finetune as finetune_config
 from configs import pretrain_aal3
 from configs import probe as probe_config
-from roi_mae_jax.data import synthetic
 from roi_mae_jax.masking import objectives
 
 
@@ -51,9 +50,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   for system in ("limbic", "basal_ganglia", "thalamus"):
     config.weighted_loss.system_weights[system] = 2.0
   config.pretrain = pretrain_aal3.get_config("adhd200" if arg == "adhd200" else "")
-  # The subjects of the demo: a few small left-hemisphere regions, amplitude and
-  # decoupling only (data/synthetic.py PRESETS), as in the downstream configs.
-  synthetic.apply_preset(config.pretrain.data.synthetic, "realistic")
+  # The synthetic subjects' effect in every run, pretraining and evaluations
+  # (data/synthetic.py PRESETS): `realistic` (a few small left-hemisphere regions,
+  # amplitude and decoupling), `decoupling` (the same regions, decoupling only);
+  # '' leaves each block's own.
+  config.synthetic_preset = "realistic"
   config.probe = probe_config.get_config()
   config.finetune = finetune_config.get_config()
   config.attribute = attribute_config.get_config()
@@ -70,6 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.seeds = "0,1,2"
     config.probe.repeats = 3
   elif arg == "test":
+    config.synthetic_preset = ""       # the test data's strong effect; probes: realistic
     config.pretrain = pretrain_aal3.get_config("test")
     config.probe = probe_config.get_config("test")
     config.probe.schemes = "kfold"

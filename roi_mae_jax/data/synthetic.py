@@ -93,12 +93,17 @@ def synthetic_config() -> ml_collections.ConfigDict:
 # small regions of one hemisphere whose own fluctuation doubles while they
 # decouple from their network, with no change of mean level, so features that
 # average the signal over time see nothing and amplitude or connectivity must.
+# `decoupling` keeps only the decoupling: each region's variance is unchanged, so
+# only how regions move together (connectivity) tells the groups apart.
 PRESETS = {
     "strong": {"effect_regions": "limbic,cerebellum", "effect_decoupling": 0.7,
                "effect_amplitude": 1.6, "effect_level_percent": 0.0},
     "realistic": {"effect_regions": "Amygdala_L,Hippocampus_L,Caudate_L,Cerebellum_4_5_L",
                   "effect_decoupling": 0.7, "effect_amplitude": 2.0,
                   "effect_level_percent": 0.0},
+    "decoupling": {"effect_regions": "Amygdala_L,Hippocampus_L,Caudate_L,Cerebellum_4_5_L",
+                   "effect_decoupling": 0.7, "effect_amplitude": 1.0,
+                   "effect_level_percent": 0.0},
 }
 
 

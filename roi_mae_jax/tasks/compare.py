@@ -46,6 +46,7 @@ from roi_mae_jax import preemption
 from roi_mae_jax import tasks
 from roi_mae_jax.config import blocks
 from roi_mae_jax.data import sources
+from roi_mae_jax.data import synthetic
 from roi_mae_jax.downstream import comparison
 from roi_mae_jax.downstream import curve
 from roi_mae_jax.downstream import end_to_end
@@ -232,12 +233,25 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return done
 
 
+def with_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose pretraining and evaluation blocks all get the synthetic
+  effect `config.synthetic_preset` (data/synthetic.py PRESETS); '' changes nothing."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  preset = config.get("synthetic_preset", "")
+  if preset:
+    synthetic.apply_preset(config.pretrain.data.synthetic, preset)
+    for name in ("probe", "finetune", "attribute"):
+      config[name].data.synthetic_preset = preset
+  return config
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   blocks.require(config.pretrain, ("total_steps", "mask.strategy"), "compare (pretrain)")
   # Finished runs are reused only under the same task settings; more strategies,
   # seeds or evaluations may be added to a comparison.
   outputs.write_config(workdir, config, may_differ=RESUMABLE_CHANGES,
                        hint=" (or add strategies/seeds to this one)")
+  config = with_preset(config)
   done = run_all(config, workdir)
   results = comparison.summarise(config, done)
   names = OUTPUT_NAMES + (CURVE_NAMES if "curve" in results else ()) + (

@@ -80,6 +80,23 @@ def test_adhd_effect_decouples_and_amplifies_effect_regions(data):
   assert amp_adhd / amp_control == pytest.approx(data.cfg.effect_amplitude, rel=0.1)
 
 
+def test_decoupling_preset_changes_coupling_not_amplitude():
+  config = load_config("pretrain_aal3", "test")
+  config.data.synthetic.num_subjects = 8
+  synthetic.apply_preset(config.data.synthetic, "decoupling")
+  data = synthetic.SyntheticFMRI.from_config(config, multiple_of=4)
+  effect = np.flatnonzero(data.effect)
+  assert len(effect) == 4
+  by_label = {0: [], 1: []}
+  for s in data.subjects:
+    c = data.components(s.index)
+    by_label[s.label].append((c["coupling"][effect], c["amplitude"][effect]))
+  (coupling_c, amplitude_c), (coupling_a, amplitude_a) = (
+      np.mean(by_label[k], axis=0) for k in (0, 1))
+  np.testing.assert_allclose(coupling_a, coupling_c * (1 - 0.7))
+  np.testing.assert_array_equal(amplitude_a, amplitude_c)  # the variance is the same
+
+
 def test_unknown_effect_region_is_an_input_error(data):
   with pytest.raises(errors.InputError, match="Nowhere"):
     synthetic.effect_region_mask(data.atlas.regions, "limbic,Nowhere_*")

@@ -11,6 +11,7 @@ from roi_mae_jax import errors
 from roi_mae_jax import tasks
 from roi_mae_jax.downstream import comparison
 from roi_mae_jax.downstream import stats
+from roi_mae_jax.tasks import compare
 
 
 def test_paired_difference_is_the_corrected_t_test():
@@ -34,6 +35,20 @@ def test_paired_difference_is_the_corrected_t_test():
 
 
 @pytest.mark.slow
+def test_one_synthetic_preset_reaches_pretraining_and_every_evaluation():
+  config = load_config("compare_masking")
+  assert config.synthetic_preset == "realistic"
+  config.synthetic_preset = "decoupling"
+  run = compare.with_preset(config)
+  assert run.pretrain.data.synthetic.effect_amplitude == 1.0
+  assert compare.pretrain_config(run, "random", 1).data.synthetic.effect_amplitude == 1.0
+  assert {run[b].data.synthetic_preset for b in ("probe", "finetune", "attribute")} == {
+      "decoupling"}
+  assert config.pretrain.data.synthetic.effect_amplitude != 1.0  # the given config is kept
+  test = load_config("compare_masking", "test")
+  assert compare.with_preset(test).to_dict() == test.to_dict()  # '': each block's own
+
+
 def test_compare_runs_every_strategy_and_reuses_finished_runs(tmp_path):
   config = load_config("compare_masking", "test")
   config.seeds = "0"
