@@ -81,11 +81,13 @@ def _attribution_summary(runs: list[list[dict]]) -> dict:
   return {"system_contrast": {s: c for c, s in ranked}, "top_systems": [s for _, s in ranked[:3]]}
 
 
-def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str) -> dict:
-  """row -> scores and paired differences of one evaluation over every run."""
+def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str,
+           scheme: str = "kfold") -> dict:
+  """row -> scores and paired differences of one evaluation over every run, on the
+  splits of `scheme` (kfold: corrected t-test; loso: plain paired t over seeds x sites)."""
   strategies = names(config.strategies)
   baselines = features.baseline_names(config.probe.get("baselines", ""))
-  folds = int(config.probe.folds)
+  test_fraction = 1 / int(config.probe.folds) if scheme == "kfold" else 0.0
   extra = readouts.readout_names(config.probe.get("readouts", ""))
   # Rows: each strategy's encoder (and, probe only, its other read-outs "roi recon"),
   # then (probe only) the baselines of its first strategy and the read-outs' init twins.
@@ -103,28 +105,35 @@ def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str) -> di
     if evaluation == "probe" and strategy == strategies[0]:
       sets.update({b: b for b in baselines + twins})
     for row, feature_set in sets.items():
-      for metric, by_split in _split_scores(by_evaluation[evaluation], "kfold",
+      for metric, by_split in _split_scores(by_evaluation[evaluation], scheme,
                                             feature_set).items():
         scores[row][metric].update({(seed, split): v for split, v in by_split.items()})
+  # The better classical baseline (by mean balanced accuracy on these splits).
+  classical = [b for b in baselines if b in features.CLASSICAL and scores[b]["balanced_accuracy"]]
+  best = max(classical, default=None,
+             key=lambda b: np.mean(list(scores[b]["balanced_accuracy"].values())))
   table = {}
   for strategy in strategies:
     for row, readout in per_strategy[strategy].items():
       entry = {m: stats.describe(scores[row][m]) for m in METRICS}
-      entry["interval"] = {m: stats.mean_interval(scores[row][m], 1 / folds)
+      entry["interval"] = {m: stats.mean_interval(scores[row][m], test_fraction)
                            for m in METRICS}
-      # The same read-out of the baseline strategy, and of the initial weights.
+      # The same read-out of the baseline strategy, of the initial weights, and
+      # the better classical baseline.
       pairs = {"vs_baseline": _same_readout(config.baseline, readout, strategies),
-               "vs_init": _same_readout("init", readout, strategies)}
+               "vs_init": _same_readout("init", readout, strategies),
+               "vs_classical": best}
       for key, reference in pairs.items():
-        if reference in scores and reference != row and (key == "vs_baseline" or
+        if reference in scores and reference != row and (key != "vs_init" or
                                                           config.baseline != "init"):
           entry[key] = {m: stats.paired_difference(
-              scores[row][m], scores[reference][m], test_fraction=1 / folds)
+              scores[row][m], scores[reference][m], test_fraction=test_fraction)
                         for m in METRICS}
+          entry[key]["against"] = reference
       table[row] = entry
   for row in rows[len(table):]:
     table[row] = {m: stats.describe(scores[row][m]) for m in METRICS}
-    table[row]["interval"] = {m: stats.mean_interval(scores[row][m], 1 / folds)
+    table[row]["interval"] = {m: stats.mean_interval(scores[row][m], test_fraction)
                               for m in METRICS}
   return table
 
@@ -151,6 +160,10 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
     results["curve"] = curve.summarise(
         {b: _table(config, at(b), "probe") for b in budgets}, strategies,
         results["readouts"], results["baselines"])
+    if "loso" in names(config.probe.get("schemes", "")):  # held-out sites, same runs
+      results["curve_loso"] = curve.summarise(
+          {b: _table(config, at(b), "probe", "loso") for b in budgets}, strategies,
+          results["readouts"], results["baselines"], scheme="loso")
     if config.get("run_recovery"):
       results["recovery"] = curve.recovery_summary(done, [0] + budgets)
   if config.get("run_attribute"):
@@ -207,8 +220,9 @@ def markdown(results: dict) -> str:
               f"{reference} ") else "–"] * 2
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-  if results.get("curve"):
-    lines += [curve.markdown(results["curve"], baseline)]
+  for key in ("curve", "curve_loso"):
+    if results.get(key):
+      lines += [curve.markdown(results[key], baseline)]
   if results.get("recovery"):
     lines += [curve.recovery_markdown(results["recovery"])]
   lines.append("Mean ± std over seeds x folds; baselines (classical features of the data, the "

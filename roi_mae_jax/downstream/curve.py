@@ -22,6 +22,8 @@ import numpy as np
 from roi_mae_jax.downstream import readouts
 
 SHOWN = ("balanced_accuracy", "roc_auc")
+DIFFERENCES = ("vs_init", "vs_baseline", "vs_classical")
+SCHEMES = {"kfold": "k-fold", "loso": "leave-one-site-out"}
 
 
 def budget_of(evaluation: str) -> int | None:
@@ -45,12 +47,13 @@ def _row(strategy: str, readout: str) -> str:
 
 
 def summarise(tables: dict[int, dict], strategies: list[str], extra: list[str],
-              baselines: list[str]) -> dict:
-  """The curve from compare's probe table at each trained budget.
+              baselines: list[str], scheme: str = "kfold") -> dict:
+  """The curve from compare's probe table at each trained budget (on `scheme`'s splits).
 
   rows: "<strategy> <read-out>" -> points {budget: {metric: mean and 95% interval}}
-  (budget 0: the read-out's init twin), vs_init and vs_baseline {budget: {metric:
-  paired difference}}; reference: the classical baselines' intervals.
+  (budget 0: the read-out's init twin), vs_init, vs_baseline and vs_classical (the
+  better classical baseline) {budget: {metric: paired difference}}; reference: the
+  classical baselines' intervals.
   """
   budgets = sorted(tables)
   first = tables[budgets[0]]
@@ -65,10 +68,10 @@ def summarise(tables: dict[int, dict], strategies: list[str], extra: list[str],
       rows[f"{strategy} {readout}"] = {
           "strategy": strategy, "readout": readout, "points": points,
           **{key: {str(b): tables[b][name][key] for b in budgets if key in tables[b][name]}
-             for key in ("vs_init", "vs_baseline")}}
+             for key in DIFFERENCES}}
   reference = {b: first[b]["interval"] for b in baselines if b != "init" and b in first}
   return {"budgets": ([0] if "init" in baselines else []) + budgets, "rows": rows,
-          "reference": reference}
+          "reference": reference, "scheme": scheme}
 
 
 def _interval(x: dict) -> str:
@@ -84,7 +87,8 @@ def markdown(curve: dict, baseline: str, metric: str = "balanced_accuracy") -> s
   budgets = [str(b) for b in curve["budgets"]]
   head = "| " + " | ".join(budgets) + " |"
   rule = "|---|---|" + "---|" * len(budgets)
-  lines = [f"### pretraining curve: {metric.replace('_', ' ')} (k-fold, mean [95% CI]) by "
+  scheme = SCHEMES[curve.get("scheme", "kfold")]
+  lines = [f"### pretraining curve: {metric.replace('_', ' ')} ({scheme}, mean [95% CI]) by "
            "pretraining steps", "", "| read-out | strategy " + head, rule]
   for row in curve["rows"].values():
     cells = [_interval(row["points"][b][metric]) if b in row["points"] else "–"
@@ -94,10 +98,12 @@ def markdown(curve: dict, baseline: str, metric: str = "balanced_accuracy") -> s
     lines.append(f"| {name} (classical) | – | " +
                  " | ".join([_interval(interval[metric])] * len(budgets)) + " |")
   lines += ["", f"### pretraining curve: paired differences in {metric.replace('_', ' ')} "
-            "(95% CI)", "", "| read-out | difference " + head, rule]
+            f"({scheme}, 95% CI)", "", "| read-out | difference " + head, rule]
   for row in curve["rows"].values():
-    for key, against in (("vs_init", "init"), ("vs_baseline", baseline)):
+    for key in DIFFERENCES:
       if row.get(key):
+        against = {"vs_init": "init", "vs_baseline": baseline}.get(key) or next(
+            d["against"] for d in row[key].values())
         cells = [_difference(row[key][b][metric]) if b in row[key] else "–" for b in budgets]
         lines.append(f"| {row['readout']} | {row['strategy']} - {against} | " +
                      " | ".join(cells) + " |")

@@ -47,6 +47,7 @@ from roi_mae_jax.model import mae as model_lib
 
 POOLS = ("mean", "region", "region_std", "region_corr")
 BASELINES = ("region_stats", "fc", "init")
+CLASSICAL = ("region_stats", "fc")  # features of the data alone, no encoder
 _EPS = 1e-6
 
 

@@ -42,6 +42,44 @@ def test_mean_interval_is_the_corrected_interval_of_the_mean():
   assert ratio == pytest.approx(np.sqrt(1 + 5 * 0.25))
 
 
+def _splits(scores: dict[str, list[float]]) -> dict:
+  """{scheme: [scores]} -> a probe's split records of one feature set."""
+  return {scheme: [{"split": f"{scheme}{i}", "balanced_accuracy": v, "roc_auc": v,
+                    "accuracy": v} for i, v in enumerate(values)]
+          for scheme, values in scores.items()}
+
+
+def test_curve_on_held_out_sites_pairs_each_readout_with_the_better_classical_baseline():
+  config = load_config("compare_masking", "test")
+  config.seeds, config.budgets, config.run_attribute = "0,1", "0,2", False
+  config.probe.schemes = "kfold,loso"
+  kfold = [0.5, 0.6, 0.7]
+  sites = {"fc": [0.7, 0.6, 0.8], "region_stats": [0.5, 0.5, 0.6], "init": [0.6, 0.6, 0.6]}
+  done = {}
+  for seed in (0, 1):
+    for strategy, shift in (("roi", 0.1), ("random", 0.0)):
+      splits = {"encoder": _splits({"kfold": kfold,
+                                    "loso": [v + shift for v in sites["fc"]]})}
+      if strategy == "roi":
+        splits.update({name: _splits({"kfold": kfold, "loso": v}) for name, v in sites.items()})
+      done[(strategy, seed)] = {"probe@2": {"splits": splits}}
+  results = comparison.summarise(config, done)
+  held_out = results["curve_loso"]
+  assert held_out["scheme"] == "loso" and results["curve"]["scheme"] == "kfold"
+  roi = held_out["rows"]["roi encoder"]
+  assert roi["points"]["2"]["balanced_accuracy"]["mean"] == pytest.approx(0.8)
+  assert roi["points"]["0"]["balanced_accuracy"]["mean"] == pytest.approx(0.6)  # init
+  against_fc = roi["vs_classical"]["2"]
+  assert against_fc["against"] == "fc" and against_fc["balanced_accuracy"]["n"] == 6
+  assert against_fc["balanced_accuracy"]["mean"] == pytest.approx(0.1)
+  assert against_fc["balanced_accuracy"]["correction"] == "paired t"  # sites: plain t
+  assert roi["vs_baseline"]["2"]["balanced_accuracy"]["mean"] == pytest.approx(0.1)
+  table = comparison.markdown(results)
+  assert "leave-one-site-out, mean [95% CI]" in table and "| roi - fc |" in table
+  config.probe.schemes = "kfold"
+  assert "curve_loso" not in comparison.summarise(config, done)
+
+
 def _curve_config():
   config = load_config("compare_masking", "test")
   config.seeds, config.run_attribute = "0", False
