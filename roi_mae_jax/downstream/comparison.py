@@ -118,10 +118,14 @@ def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str,
       entry = {m: stats.describe(scores[row][m]) for m in METRICS}
       entry["interval"] = {m: stats.mean_interval(scores[row][m], test_fraction)
                            for m in METRICS}
-      # The same read-out of the baseline strategy, of the initial weights, and
+      # The same read-out of the baseline strategy, of the initial weights, of
+      # the same objective with random masking (roi_visible: random_visible), and
       # the better classical baseline.
+      twin = masking_twin(strategy, strategies)
       pairs = {"vs_baseline": _same_readout(config.baseline, readout, strategies),
                "vs_init": _same_readout("init", readout, strategies),
+               "vs_masking": (_same_readout(twin, readout, strategies)
+                              if twin and twin != config.baseline else None),
                "vs_classical": best}
       for key, reference in pairs.items():
         if reference in scores and reference != row and (key != "vs_init" or
@@ -129,7 +133,7 @@ def _table(config: ml_collections.ConfigDict, done: dict, evaluation: str,
           entry[key] = {m: stats.paired_difference(
               scores[row][m], scores[reference][m], test_fraction=test_fraction)
                         for m in METRICS}
-          entry[key]["against"] = reference
+          entry[key]["against"] = reference.split(" ")[0]  # its strategy or baseline
       table[row] = entry
   for row in rows[len(table):]:
     table[row] = {m: stats.describe(scores[row][m]) for m in METRICS}
@@ -174,6 +178,15 @@ def summarise(config: ml_collections.ConfigDict, done: dict) -> dict:
       results.setdefault("attribution_by_system", {})[strategy] = _attribution_summary(
           [r["groups"] for r in runs])
   return results
+
+
+def masking_twin(strategy: str, strategies: list[str]) -> str | None:
+  """The strategy that differs from `strategy` by random masking alone, when it runs:
+  roi -> random, roi_visible -> random_visible."""
+  if not strategy.startswith("roi"):
+    return None
+  twin = "random" + strategy[len("roi"):]
+  return twin if twin in strategies else None
 
 
 def _same_readout(reference: str, readout: str, strategies: list[str]) -> str:

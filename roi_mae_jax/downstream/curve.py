@@ -22,7 +22,7 @@ import numpy as np
 from roi_mae_jax.downstream import readouts
 
 SHOWN = ("balanced_accuracy", "roc_auc")
-DIFFERENCES = ("vs_init", "vs_baseline", "vs_classical")
+DIFFERENCES = ("vs_init", "vs_baseline", "vs_masking", "vs_classical")
 SCHEMES = {"kfold": "k-fold", "loso": "leave-one-site-out"}
 
 
@@ -51,9 +51,9 @@ def summarise(tables: dict[int, dict], strategies: list[str], extra: list[str],
   """The curve from compare's probe table at each trained budget (on `scheme`'s splits).
 
   rows: "<strategy> <read-out>" -> points {budget: {metric: mean and 95% interval}}
-  (budget 0: the read-out's init twin), vs_init, vs_baseline and vs_classical (the
-  better classical baseline) {budget: {metric: paired difference}}; reference: the
-  classical baselines' intervals.
+  (budget 0: the read-out's init twin), vs_init, vs_baseline, vs_masking (the same
+  objective with random masking) and vs_classical (the better classical baseline)
+  {budget: {metric: paired difference}}; reference: the classical baselines' intervals.
   """
   budgets = sorted(tables)
   first = tables[budgets[0]]

@@ -55,9 +55,11 @@ def test_curve_on_held_out_sites_pairs_each_readout_with_the_better_classical_ba
   config.probe.schemes = "kfold,loso"
   kfold = [0.5, 0.6, 0.7]
   sites = {"fc": [0.7, 0.6, 0.8], "region_stats": [0.5, 0.5, 0.6], "init": [0.6, 0.6, 0.6]}
+  config.strategies = "roi,random,roi_visible,random_visible"
   done = {}
   for seed in (0, 1):
-    for strategy, shift in (("roi", 0.1), ("random", 0.0)):
+    for strategy, shift in (("roi", 0.1), ("random", 0.0), ("roi_visible", 0.15),
+                            ("random_visible", 0.05)):
       splits = {"encoder": _splits({"kfold": kfold,
                                     "loso": [v + shift for v in sites["fc"]]})}
       if strategy == "roi":
@@ -74,8 +76,16 @@ def test_curve_on_held_out_sites_pairs_each_readout_with_the_better_classical_ba
   assert against_fc["balanced_accuracy"]["mean"] == pytest.approx(0.1)
   assert against_fc["balanced_accuracy"]["correction"] == "paired t"  # sites: plain t
   assert roi["vs_baseline"]["2"]["balanced_accuracy"]["mean"] == pytest.approx(0.1)
+  # Each objective's roi run is paired with its own random-masking twin.
+  visible = held_out["rows"]["roi_visible encoder"]
+  assert visible["vs_masking"]["2"]["against"] == "random_visible"
+  assert visible["vs_masking"]["2"]["balanced_accuracy"]["mean"] == pytest.approx(0.1)
+  assert visible["vs_baseline"]["2"]["balanced_accuracy"]["mean"] == pytest.approx(0.15)
+  assert not roi["vs_masking"]  # its twin is the baseline: vs_baseline says it
+  assert comparison.masking_twin("roi_time", ["roi_time", "random"]) is None
   table = comparison.markdown(results)
   assert "leave-one-site-out, mean [95% CI]" in table and "| roi - fc |" in table
+  assert "| roi_visible - random_visible |" in table
   config.probe.schemes = "kfold"
   assert "curve_loso" not in comparison.summarise(config, done)
 
