@@ -50,6 +50,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   for system in ("limbic", "basal_ganglia", "thalamus"):
     config.weighted_loss.system_weights[system] = 2.0
   config.pretrain = pretrain_aal3.get_config("adhd200" if arg == "adhd200" else "")
+  # The paper's objective, masked tokens only, for every strategy but the `_visible`
+  # ones, which reconstruct the visible tokens too (pretraining's default).
+  config.pretrain.loss.visible_weight = 0.0
   # The synthetic subjects' effect in every run, pretraining and evaluations
   # (data/synthetic.py PRESETS): `realistic` (a few small left-hemisphere regions,
   # amplitude and decoupling), `decoupling` (the same regions, decoupling only);
@@ -73,6 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   elif arg == "test":
     config.synthetic_preset = ""       # the test data's strong effect; probes: realistic
     config.pretrain = pretrain_aal3.get_config("test")
+    config.pretrain.loss.visible_weight = 0.0
     config.probe = probe_config.get_config("test")
     config.probe.schemes = "kfold"
     config.probe.data.synthetic_subjects = 0

@@ -29,10 +29,12 @@ from roi_mae_jax.masking import samplers
 
 
 def loss_config() -> ml_collections.ConfigDict:
-  """The `config.loss` block: per-system and per-region weights of the reconstruction loss."""
+  """The `config.loss` block: per-system and per-region weights of the reconstruction
+  loss, and the weight of the visible tokens' reconstruction (0: masked tokens only)."""
   return ml_collections.ConfigDict({
       "system_weights": {s: 1.0 for s in atlas_lib.SYSTEMS},
-      "region_weights": ""})
+      "region_weights": "",
+      "visible_weight": 0.0})
 
 
 def visible_weight(config: ml_collections.ConfigDict) -> float:

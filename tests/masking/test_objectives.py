@@ -126,6 +126,8 @@ def test_compare_variants_set_the_options():
 def test_visible_weight_adds_the_visible_tokens_error():
   config = load_config("pretrain_aal3", "test")
   config.batch_size = 2
+  assert config.loss.visible_weight == 1.0  # pretraining's default
+  config.loss.visible_weight = 0.0
   _, _, plain = _two_steps(config)
   config.loss.visible_weight = 1.0
   setup, _, both = _two_steps(config)
@@ -141,3 +143,5 @@ def test_visible_weight_adds_the_visible_tokens_error():
                                             "random_visible", seed=0)
   assert objectives.visible_weight(visible_variant) == 1.0
   assert visible_variant.mask.strategy == "random"
+  paper = compare.pretrain_config(load_config("compare_masking"), "roi", seed=0)
+  assert objectives.visible_weight(paper) == 0.0  # the paper's comparison: masked only
