@@ -189,6 +189,18 @@ def _orientation(path: str, value: Any) -> str | None:
   return None
 
 
+@_value("orientation", tasks=("synthesize",))
+def _written_orientation(path: str, value: Any) -> str | None:
+  """Voxel axes of written scans: one of L/R, A/P, S/I per axis, e.g. LAS or RPI."""
+  letters = str(value).upper()
+  axes = [next((i for i, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1)
+          for c in letters]
+  if len(letters) != 3 or sorted(axes) != [0, 1, 2]:
+    return (f"config.{path} = {value!r} must be three axis letters, one of L/R, A/P and "
+            "S/I each, e.g. 'LAS'")
+  return None
+
+
 @_value("grid.shape")
 def _grid_shape(path: str, value: Any) -> str | None:
   try:

@@ -28,7 +28,7 @@ import dataclasses
 import fnmatch
 import functools
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import nibabel as nib
@@ -268,7 +268,8 @@ def adhd200_scan_path(root: str, subject: Subject) -> str:
 
 
 def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None = None,
-                  orientation: str = "") -> list[str]:
+                  orientation: str = "",
+                  on_written: Callable[[int, int], None] | None = None) -> list[str]:
   """Writes subjects as NIfTI in the ADHD-200 layout; returns the scan paths.
 
       root/SITE/SID/sfnwmrdaSID_session_1_rest_1.nii.gz   (TR in pixdim[4])
@@ -276,6 +277,7 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
 
   `orientation` (e.g. 'LAS') flips voxel axes to that orientation with the
   affine updated, as real sites differ; existing files are never replaced.
+  `on_written(done, total)` is called after each scan (progress lines).
   """
   chosen = [data.subjects[i] for i in (range(len(data.subjects)) if subjects is None else subjects)]
   paths = [adhd200_scan_path(root, s) for s in chosen]
@@ -284,7 +286,7 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
     raise errors.InputError(f"{existing[0]} already exists ({len(existing)} scans); "
                             "write to an empty folder")
   rows: dict[str, list[list]] = {}
-  for s, path in zip(chosen, paths):
+  for done, (s, path) in enumerate(zip(chosen, paths), 1):
     volume, affine = data.run(s.index), data.grid.affine
     if orientation:
       volume, affine = _reorient(volume, affine, orientation)
@@ -294,6 +296,8 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
     rows.setdefault(s.site.name, []).append(
         [s.subject_id, s.site.name, int(rng.integers(0, 2)), round(float(rng.uniform(7, 18)), 2),
          s.label, 1])
+    if on_written is not None:
+      on_written(done, len(chosen))
   for site, site_rows in rows.items():
     table = os.path.join(root, site, f"{site}_phenotypic.csv")
     with open(table, "w", newline="", encoding="utf-8") as f:
@@ -301,6 +305,21 @@ def write_adhd200(data: SyntheticFMRI, root: str, subjects: Sequence[int] | None
       writer.writerow(ADHD200_PHENOTYPE_COLUMNS)
       writer.writerows(site_rows)
   return paths
+
+
+TRUTH_COLUMNS = ("subject", "site", "tr", "label", "effect_regions")
+
+
+def ground_truth(data: SyntheticFMRI) -> list[dict]:
+  """One row per subject: its site, TR, label and the regions that carry the
+  planted effect in it (';'-joined AAL3 names; '' for controls), so a study
+  run on written files can be scored against what was planted.
+
+      rows = ground_truth(data)   # [{'subject': '1000000', 'site': 'NYU', ...}, ...]
+  """
+  effect = ";".join(r.name for r, e in zip(data.atlas.regions, data.effect) if e)
+  return [{"subject": s.subject_id, "site": s.site.name, "tr": s.site.tr, "label": s.label,
+           "effect_regions": effect if s.label == 1 else ""} for s in data.subjects]
 
 
 def _reorient(volume: np.ndarray, affine: np.ndarray, orientation: str):

@@ -39,6 +39,7 @@ TASKS = {
     "probe": "roi_mae_jax.tasks.probe",
     "pretrain": "roi_mae_jax.tasks.pretrain",
     "show_masks": "roi_mae_jax.tasks.show_masks",
+    "synthesize": "roi_mae_jax.tasks.synthesize",
 }
 
 

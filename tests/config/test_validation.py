@@ -75,6 +75,9 @@ TABLE = [
      "config.grid.voxel_size_mm = nan must be a finite number > 0"),
     ("grid.orientation", "pretrain_aal3", {"grid.orientation": "lpi"},
      "grid.orientation must be 'RAS' or 'LAS', got 'LPI'"),
+    ("orientation", "synthesize", {"orientation": "LAX"},
+     "config.orientation = 'LAX' must be three axis letters, one of L/R, A/P and S/I each, "
+     "e.g. 'LAS'"),
     ("grid.shape", "prepare", {"grid.shape": (40, 48)},
      "grid.shape must be three positive integers, got (40, 48)"),
     ("patches.assignment", "pretrain_aal3", {"patches.assignment": "median"},
@@ -286,6 +289,7 @@ TASK_CONFIGS = {
     "finetune": ("finetune", "folds", 1),
     "attribute": ("attribute", "ig_steps", 0),
     "compare": ("compare_masking", "seeds", "x"),
+    "synthesize": ("synthesize", "orientation", "LAX"),
 }
 
 

@@ -103,7 +103,10 @@ def test_unknown_effect_region_is_an_input_error(data):
 
 
 def test_write_adhd200_layout(data, tmp_path):
-  paths = synthetic.write_adhd200(data, str(tmp_path), subjects=[0, 1, 3], orientation="LAS")
+  written = []
+  paths = synthetic.write_adhd200(data, str(tmp_path), subjects=[0, 1, 3], orientation="LAS",
+                                  on_written=lambda done, total: written.append((done, total)))
+  assert written == [(1, 3), (2, 3), (3, 3)]
   assert paths[0] == synthetic.adhd200_scan_path(str(tmp_path), data.subjects[0])
   image = nib.load(paths[1])
   assert nib.aff2axcodes(image.affine) == ("L", "A", "S")
@@ -119,6 +122,15 @@ def test_write_adhd200_layout(data, tmp_path):
   assert [int(r["DX"]) for r in rows] == [data.subjects[0].label, data.subjects[3].label]
   with pytest.raises(errors.InputError, match="already exists"):
     synthetic.write_adhd200(data, str(tmp_path), subjects=[0])
+
+
+def test_ground_truth_names_the_planted_regions_of_adhd_subjects_only(data):
+  rows = synthetic.ground_truth(data)
+  assert [r["label"] for r in rows] == [s.label for s in data.subjects]
+  planted = {r.name for r, e in zip(data.atlas.regions, data.effect) if e}
+  assert planted and all(
+      set(filter(None, r["effect_regions"].split(";"))) == (planted if r["label"] else set())
+      for r in rows)
 
 
 def test_pipeline_batches_resume_and_process_split(data):
