@@ -189,16 +189,11 @@ def _orientation(path: str, value: Any) -> str | None:
   return None
 
 
-@_value("orientation", tasks=("synthesize",))
-def _written_orientation(path: str, value: Any) -> str | None:
-  """Voxel axes of written scans: one of L/R, A/P, S/I per axis, e.g. LAS or RPI."""
-  letters = str(value).upper()
-  axes = [next((i for i, pair in enumerate(("LR", "AP", "SI")) if c in pair), -1)
-          for c in letters]
-  if len(letters) != 3 or sorted(axes) != [0, 1, 2]:
-    return (f"config.{path} = {value!r} must be three axis letters, one of L/R, A/P and "
-            "S/I each, e.g. 'LAS'")
-  return None
+# Voxel axes of written scans: one of L/R, A/P, S/I per axis, e.g. LAS or RPI.
+_AXIS_OF_LETTER = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+VALUES["orientation"] = Rule(_must(
+    lambda v: sorted(_AXIS_OF_LETTER.get(c, -1) for c in str(v).upper()) == [0, 1, 2],
+    "three axis letters, one of L/R, A/P and S/I each, e.g. 'LAS'"), tasks=("synthesize",))
 
 
 @_value("grid.shape")
