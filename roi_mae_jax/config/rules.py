@@ -181,12 +181,8 @@ def _batch_size(path: str, value: Any, divisor: int | None = None,
 
 # --- Grid, patches, data ---------------------------------------------------------
 
-@_value("grid.orientation")
-def _orientation(path: str, value: Any) -> str | None:
-  orientation = str(value).upper()
-  if orientation not in ("RAS", "LAS"):
-    return f"grid.orientation must be 'RAS' or 'LAS', got {orientation!r}"
-  return None
+VALUES["grid.orientation"] = Rule(_must(lambda v: str(v).upper() in ("RAS", "LAS"),
+                                       "'RAS' or 'LAS' (either case)"))
 
 
 # Voxel axes of written scans: one of L/R, A/P, S/I per axis, e.g. LAS or RPI.
@@ -194,6 +190,11 @@ _AXIS_OF_LETTER = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 VALUES["orientation"] = Rule(_must(
     lambda v: sorted(_AXIS_OF_LETTER.get(c, -1) for c in str(v).upper()) == [0, 1, 2],
     "three axis letters, one of L/R, A/P and S/I each, e.g. 'LAS'"), tasks=("synthesize",))
+# pair_probes: the two probes to pair ('' is unset, which blocks.require reports).
+VALUES.update(dict.fromkeys(("a", "b"), Rule(_must(
+    lambda v: v == "" or (v.strip() != "" and not v.rstrip().endswith(":")),
+    "a probe workdir, optionally with ':FEATURE', e.g. 'runs/probe:recon_power'"),
+    tasks=("pair_probes",))))
 
 
 @_value("grid.shape")

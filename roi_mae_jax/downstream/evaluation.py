@@ -28,6 +28,7 @@ import ml_collections
 from roi_mae_jax import errors
 from roi_mae_jax.downstream import features as features_lib
 from roi_mae_jax.downstream import logistic
+from roi_mae_jax.downstream import pairing
 from roi_mae_jax.downstream import pretrained as pretrained_lib
 from roi_mae_jax.downstream import readouts
 from roi_mae_jax.downstream import splits as splits_lib
@@ -115,6 +116,10 @@ def probe_encoder(config: ml_collections.ConfigDict, pre: pretrained_lib.Pretrai
       "control": int((feats.labels == 0).sum()), "sites": sorted(set(feats.sites)),
       "windows_per_subject": float(feats.windows.mean()), "folds": int(config.folds),
       "repeats": int(config.repeats), "mask_strategy": pre.config.mask.strategy,
+      # what fixes the splits, so two probes' scores can be paired (pairing.py)
+      "subjects_digest": pairing.subjects_digest(feats.subjects, feats.labels, feats.sites),
+      "test_fraction": {scheme: test_fraction([s for s in splits if s.scheme == scheme])
+                        for scheme in sorted({s.scheme for s in splits})},
       "synthetic_preset": "" if config.data.shards else config.data.get("synthetic_preset", "")}
   return results, sets
 

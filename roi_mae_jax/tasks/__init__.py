@@ -37,6 +37,7 @@ TASKS = {
     "compare": "roi_mae_jax.tasks.compare",
     "finetune": "roi_mae_jax.tasks.finetune",
     "probe": "roi_mae_jax.tasks.probe",
+    "pair_probes": "roi_mae_jax.tasks.pair_probes",
     "pretrain": "roi_mae_jax.tasks.pretrain",
     "show_masks": "roi_mae_jax.tasks.show_masks",
     "synthesize": "roi_mae_jax.tasks.synthesize",

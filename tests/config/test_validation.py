@@ -74,7 +74,11 @@ TABLE = [
     ("grid.voxel_size_mm", "pretrain_aal3", {"grid.voxel_size_mm": float("nan")},
      "config.grid.voxel_size_mm = nan must be a finite number > 0"),
     ("grid.orientation", "pretrain_aal3", {"grid.orientation": "lpi"},
-     "grid.orientation must be 'RAS' or 'LAS', got 'LPI'"),
+     "config.grid.orientation = 'lpi' must be 'RAS' or 'LAS' (either case)"),
+    ("a", "pair_probes", {"a": " "}, "config.a = ' ' must be a probe workdir, optionally "
+     "with ':FEATURE', e.g. 'runs/probe:recon_power'"),
+    ("b", "pair_probes", {"b": "runs/probe:"}, "config.b = 'runs/probe:' must be a probe "
+     "workdir, optionally with ':FEATURE'"),
     ("orientation", "synthesize", {"orientation": "LAX"},
      "config.orientation = 'LAX' must be three axis letters, one of L/R, A/P and S/I each, "
      "e.g. 'LAS'"),
@@ -200,9 +204,12 @@ TABLE = [
 ]
 
 
+NO_TEST_VARIANT = ("show_masks", "pair_probes")  # configs whose default is already small
+
+
 def _config(name: str, settings: dict) -> dict:
   """The config as plain dicts, so a setting may take any type (as a config file may)."""
-  config = load_config(name, "" if name == "show_masks" else "test").to_dict()
+  config = load_config(name, "" if name in NO_TEST_VARIANT else "test").to_dict()
   for dotted, value in settings.items():
     *parents, leaf = dotted.split(".")
     node = config
@@ -290,14 +297,15 @@ TASK_CONFIGS = {
     "attribute": ("attribute", "ig_steps", 0),
     "compare": ("compare_masking", "seeds", "x"),
     "synthesize": ("synthesize", "orientation", "LAX"),
+    "pair_probes": ("pair_probes", "b", "runs/probe:"),
 }
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_each_task_validates_once_before_any_work(task, tmp_path, monkeypatch):
   name, key, bad = TASK_CONFIGS[task]
-  config = load_config(name, "" if task == "show_masks" else "test")
-  config.update({k: "/nowhere" for k in ("checkpoint", "input_dir") if k in config})
+  config = load_config(name, "" if task in NO_TEST_VARIANT else "test")
+  config.update({k: "/nowhere" for k in ("checkpoint", "input_dir", "a", "b") if k in config})
   module = importlib.import_module(tasks.TASKS[task])
   calls, runs = [], []
   validate = validation.validate

@@ -10,6 +10,7 @@ from roi_mae_jax import errors
 from roi_mae_jax import tasks
 from roi_mae_jax.config import validation
 from roi_mae_jax.downstream import logistic
+from roi_mae_jax.downstream import pairing
 from roi_mae_jax.downstream import pretrained as pretrained_lib
 from roi_mae_jax.downstream import splits as splits_lib
 
@@ -72,6 +73,17 @@ def test_probe_task_scores_the_encoder_beside_the_baselines(pretrained_dir, tmp_
   predictions = (tmp_path / "probe_predictions.csv").read_text()
   assert "region_stats,kfold," in predictions and "init,loso," in predictions
   assert (tmp_path / "probe_roc.png").stat().st_size > 10_000
+  # pair_probes on two of its feature sets gives the probe's own paired difference.
+  pair = load_config("pair_probes")
+  pair.update(a=str(tmp_path), b=f"{tmp_path}:init")
+  tasks.run_task(pair, str(tmp_path / "pair"))
+  paired = json.loads((tmp_path / "pair" / "pair_results.json").read_text())
+  for scheme in ("kfold", "loso"):
+    for key in ("mean", "ci_low", "ci_high"):
+      assert paired["differences"][scheme]["balanced_accuracy"][key] == pytest.approx(
+          results["differences"]["init"][scheme]["balanced_accuracy"][key])
+  assert results["meta"]["subjects_digest"] == pairing._digest_from_predictions(
+      str(tmp_path / "probe_predictions.csv"), "encoder")
   with pytest.raises(errors.InputError, match="already exist"):
     tasks.run_task(config, str(tmp_path))
 

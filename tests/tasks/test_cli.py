@@ -62,7 +62,8 @@ def test_unknown_task_is_one_line_on_stderr(tmp_path):
   assert done.returncode == 2
   lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
   assert lines == ["error: unknown task 'pretrainn'; config.task must be one of: attribute, "
-                   "compare, finetune, prepare, pretrain, probe, show_masks, synthesize"]
+                   "compare, finetune, pair_probes, prepare, pretrain, probe, show_masks, "
+                   "synthesize"]
   assert "Traceback" not in done.stderr
 
 
