@@ -57,7 +57,7 @@ def paired_difference(a: Mapping[tuple, float], b: Mapping[tuple, float],
     out.update(ci_low=out["mean"], ci_high=out["mean"], p=1.0 if out["mean"] == 0 else 0.0)
     return out
   se = math.sqrt(variance)
-  t_crit = stats.t.ppf(0.5 + level / 2, df=len(d) - 1)
+  t_crit = float(stats.t.ppf(0.5 + level / 2, df=len(d) - 1))  # plain floats out, not NumPy's
   out.update(ci_low=out["mean"] - t_crit * se, ci_high=out["mean"] + t_crit * se,
              p=float(2 * stats.t.sf(abs(out["mean"]) / se, df=len(d) - 1)))
   return out

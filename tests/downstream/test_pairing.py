@@ -57,6 +57,7 @@ def test_pair_is_the_corrected_paired_difference_over_the_same_splits(tmp_path):
   assert (got["ci_low"], got["ci_high"]) == pytest.approx((expected["ci_low"],
                                                            expected["ci_high"]))
   assert got["correction"].startswith("Nadeau-Bengio")
+  assert all(type(got[k]) is float for k in ("mean", "ci_low", "ci_high", "p"))
   loso = result["differences"]["loso"]["balanced_accuracy"]
   assert loso["correction"] == "paired t" and loso["mean"] == pytest.approx(0.2)
   assert result["means"]["b"]["kfold"]["balanced_accuracy"] == pytest.approx(np.mean(b_values))
