@@ -55,10 +55,6 @@ class ProbeRun:
   meta: dict
   digest: str
 
-  @property
-  def label(self) -> str:
-    return f"{os.path.basename(os.path.dirname(self.path)) or self.path}:{self.feature}"
-
 
 def _digest_from_predictions(path: str, feature: str) -> str:
   """The subjects' digest from a probe's probe_predictions.csv (older probes' meta lacks

@@ -29,7 +29,7 @@ OUTPUT_NAMES = ("pair_results.json", "pair_table.md")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   a, b = pairing.load_probe(str(config.a)), pairing.load_probe(str(config.b))
   if (a.path, a.feature) == (b.path, b.feature):
-    raise errors.InputError(f"a and b are the same feature set ({a.label} of {a.path}): "
+    raise errors.InputError(f"a and b are the same feature set ({a.feature} of {a.path}): "
                             "name another probe or another ':FEATURE'")
   paths = outputs.claim(workdir, OUTPUT_NAMES, config.overwrite)
   result = pairing.pair(a, b)
