@@ -76,7 +76,8 @@ def _digest_from_predictions(path: str, feature: str) -> str:
 def load_probe(spec: str, feature: str = "") -> ProbeRun:
   """A probe's feature set: `spec` is a probe workdir or its probe_results.json,
   optionally followed by ':FEATURE' (default "encoder"); `feature` overrides it."""
-  path, _, named = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+  # the last ':' names the feature set, so a folder may hold one too
+  path, _, named = spec.rpartition(":") if not os.path.exists(spec) else (spec, "", "")
   feature = feature or named or "encoder"
   if os.path.isdir(path):
     path = os.path.join(path, RESULTS_FILE)

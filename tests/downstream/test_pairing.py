@@ -66,7 +66,7 @@ def test_pair_is_the_corrected_paired_difference_over_the_same_splits(tmp_path):
 
 
 def test_two_feature_sets_of_one_probe_pair_and_init_twins_are_step_0(tmp_path):
-  probe = _write_probe(tmp_path / "p", {"recon_power": _scores([0.6] * 5),
+  probe = _write_probe(tmp_path / "run:2", {"recon_power": _scores([0.6] * 5),
                                         "init_recon_power": _scores([0.5] * 5)})
   result = pairing.pair(pairing.load_probe(f"{probe}:recon_power"),
                         pairing.load_probe(f"{probe}:init_recon_power"))
